@@ -1,0 +1,142 @@
+"""Fused linear combination + transfer step: one pass over memory (PNDM, Liu et al. ICLR 2022, eq. 11/12).
+
+    out  = (x if keep_x  else 0) + (w[0]*x  + sum_j w[j+1]*v_j)
+    out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional)
+
+Unfused torch needs one pass per term; with 4 operands and two outputs that is ~14 passes, fused it is
+5 reads + 2 writes. The delta is accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny
+(~1e-3) and ``(1+w0)*x`` in fp32 would round w0 away.
+
+Three layers (STYLE 5): ``lincomb_kernel`` (the @triton.jit kernel), ``lincomb_triton`` (host wrapper:
+checks, BLOCK/num_warps, grid), and the torch.library op in ``pndm_fast.ops`` (``pndm_fast::lincomb_triton_``).
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MAX_OPERANDS = 5
+OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def lincomb_kernel(
+    out_ptr,  # *fp32 [N]: first output; may be x_ptr itself (in-place x <- x + delta)
+    out2_ptr,  # *fp32 [N]: second output; points at out_ptr and is never touched when HAS_OUT2 is False
+    x_ptr,  # *fp32 [N]: current sample x
+    v0_ptr, v1_ptr, v2_ptr, v3_ptr, v4_ptr,  # *fp32|bf16|fp16 [N]: operands; the unused ones point at x, never read
+    w0, w1, w2, w3, w4, w5,  # fp32: out's weights of x, v0..v4 (rounded from the caller's float64)
+    u0, u1, u2, u3, u4, u5,  # fp32: out2's weights of x, v0..v4 (0.0 when HAS_OUT2 is False)
+    n_elements,  # int: N, may exceed 2**31 (a 256x3x256x256 fp32 batch is 50M, 8 GB tensors are 2**31)
+    NUM_OPERANDS: tl.constexpr,  # 0..5; loads of the unused operands compile away
+    KEEP_X: tl.constexpr,  # out = x + delta (True) or delta (False)
+    HAS_OUT2: tl.constexpr,  # compute and store out2
+    KEEP_X2: tl.constexpr,  # out2 = x + delta2 (True) or delta2 (False)
+    BLOCK: tl.constexpr,  # elements per program, a power of two
+):
+    # int64 offsets: pid * BLOCK overflows int32 past 2**31 elements.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # Runs of 4: every load then gets 4 elements per thread (16 B of fp32, 8 B of bf16/fp16) in one register
+    # layout. Left alone, triton gives 16-bit loads 8 per thread and shuffles them through 4-8 KB of shared
+    # memory into the fp32 layout (one convert_layout per operand, seen in the sm_90 TTGIR).
+    offs = tl.max_contiguous(offs, 4)
+    mask = offs < n_elements
+    x = tl.load(x_ptr + offs, mask=mask)
+    d = w0 * x
+    d2 = u0 * x
+    # Explicit fma: the same rounding whatever triton's fp-fusion default (it flips in 3.10).
+    if NUM_OPERANDS > 0:
+        v = tl.load(v0_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.fma(w1, v, d)
+        if HAS_OUT2:
+            d2 = tl.fma(u1, v, d2)
+    if NUM_OPERANDS > 1:
+        v = tl.load(v1_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.fma(w2, v, d)
+        if HAS_OUT2:
+            d2 = tl.fma(u2, v, d2)
+    if NUM_OPERANDS > 2:
+        v = tl.load(v2_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.fma(w3, v, d)
+        if HAS_OUT2:
+            d2 = tl.fma(u3, v, d2)
+    if NUM_OPERANDS > 3:
+        v = tl.load(v3_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.fma(w4, v, d)
+        if HAS_OUT2:
+            d2 = tl.fma(u4, v, d2)
+    if NUM_OPERANDS > 4:
+        v = tl.load(v4_ptr + offs, mask=mask).to(tl.float32)
+        d = tl.fma(w5, v, d)
+        if HAS_OUT2:
+            d2 = tl.fma(u5, v, d2)
+    if KEEP_X:
+        d = x + d
+    if HAS_OUT2:
+        if KEEP_X2:
+            d2 = x + d2
+        tl.store(out2_ptr + offs, d2, mask=mask)
+    # Every load of this block happened above, so out_ptr == x_ptr (in place) is safe.
+    tl.store(out_ptr + offs, d, mask=mask)
+
+
+def launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for N elements.
+
+    1024 elements on 4 warps is 8 fp32 per thread, i.e. two 16-byte loads per tensor (one for bf16/fp16);
+    a 256x3x32x32 batch (786k) is then 768 programs, ~6 per SM on an H100's 132 SMs. From 8M elements on,
+    4096 on 8 warps (16 per thread) quarters the number of programs to schedule.
+    """
+    return (4096, 8) if n >= 1 << 23 else (1024, 4)
+
+
+@functools.cache
+def _interpreted_kernel():
+    """The kernel for the triton interpreter, built on demand.
+
+    triton.jit reads TRITON_INTERPRET when the module is imported; building the interpreted twin at call time
+    lets CPU tensors run whenever TRITON_INTERPRET=1 is set, whatever was imported first.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernel = lincomb_kernel
+    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
+
+
+def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False):
+    """Host wrapper: out (and out2) <- see the module docstring; returns None and allocates nothing.
+
+    All tensors have the same shape and strides and are dense ([N] once flattened in memory order).
+    out, out2, x: float32; operands: up to 5 of float32/bfloat16/float16; weights: len(operands)+1 floats.
+    CUDA tensors, or CPU tensors with TRITON_INTERPRET=1. User-facing checks live in ``pndm_fast.ops``.
+    """
+    k = len(operands)
+    if k > MAX_OPERANDS:
+        raise ValueError(f"lincomb takes at most {MAX_OPERANDS} operands, got {k}")
+    if len(weights) != k + 1 or (out2 is not None and (weights2 is None or len(weights2) != k + 1)):
+        raise ValueError(f"lincomb needs len(operands)+1 = {k + 1} weights per output")
+    if x.dtype != torch.float32 or out.dtype != torch.float32 or (out2 is not None and out2.dtype != torch.float32):
+        raise TypeError("lincomb_triton needs float32 x/out/out2")
+    if any(v.dtype not in OPERAND_DTYPES for v in operands):
+        raise TypeError("lincomb_triton operands must be float32, bfloat16 or float16")
+    if x.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("triton on CPU tensors needs TRITON_INTERPRET=1; use impl='cpp' or 'torch' on CPU")
+        kernel = _interpreted_kernel()
+    else:
+        kernel = lincomb_kernel
+
+    n = x.numel()
+    block, num_warps = launch_config(n)
+    v = list(operands) + [x] * (MAX_OPERANDS - k)
+    w = list(weights) + [0.0] * (MAX_OPERANDS + 1 - len(weights))
+    u = list(weights2) + [0.0] * (MAX_OPERANDS + 1 - len(weights2)) if out2 is not None else [0.0] * 6
+    wrap_triton(kernel)[(triton.cdiv(n, block),)](
+        out, out if out2 is None else out2, x, *v, *w, *u, n,
+        NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=out2 is not None, KEEP_X2=out2 is not None and bool(keep_x2),
+        BLOCK=block, num_warps=num_warps,
+    )

@@ -1,0 +1,107 @@
+"""The paper's transfer step and its four methods, op by op in plain PyTorch (SPEC sections 2 to 4).
+
+Slow on purpose and easy to read: this is the yardstick every fast path is measured against. It computes in
+the noise's dtype exactly as the reference implementation does, alpha table included (float32 values, cast),
+and keeps its forms such as `(1 / 24) * (...)` rather than `(...) / 24`, so float32 rounds alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .schedule import Schedule
+
+METHODS = ("DDIM", "S-PNDM", "F-PNDM", "FON")
+
+EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
+"""eps = m(x, t): the UNet's noise prediction at a scalar (possibly fractional) time t."""
+
+
+def transfer(x: torch.Tensor, t: float, t_next: float, e: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    """The paper's eq. 9: move x from t to t_next along the direction that eps e predicts.
+
+    `ac` is read one index later than training reads it (int(t) + 1, truncating toward zero), as the
+    reference does; the arithmetic follows the reference's order of operations so float32 rounds alike.
+    """
+    a = ac[int(t) + 1]
+    a_next = ac[int(t_next) + 1]
+    x_coef = 1 / (a.sqrt() * (a.sqrt() + a_next.sqrt()))
+    e_coef = 1 / (a.sqrt() * (((1 - a_next) * a).sqrt() + ((1 - a) * a_next).sqrt()))
+    return x + (a_next - a) * (x_coef * x - e_coef * e)
+
+
+def ddim_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    e = m(x, t)
+    history.append(e)
+    return transfer(x, t, t_next, e, ac)
+
+
+def s_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    """Second-order pseudo linear multistep; its first step is an improved Euler (Heun) step."""
+    if history:
+        history.append(m(x, t))
+        e = 0.5 * (3 * history[-1] - history[-2])
+    else:
+        e1 = m(x, t)
+        history.append(e1)
+        e2 = m(transfer(x, t, t_next, e1, ac), t_next)
+        e = (e1 + e2) / 2
+    return transfer(x, t, t_next, e, ac)
+
+
+def f_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    """Fourth-order pseudo linear multistep; the first three steps are pseudo Runge-Kutta."""
+    if len(history) > 2:
+        history.append(m(x, t))
+        e = (1 / 24) * (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4])
+    else:
+        t_mid = (t + t_next) / 2
+        e1 = m(x, t)
+        history.append(e1)
+        e2 = m(transfer(x, t, t_mid, e1, ac), t_mid)
+        e3 = m(transfer(x, t, t_mid, e2, ac), t_mid)
+        e4 = m(transfer(x, t, t_next, e3, ac), t_next)
+        e = (1 / 6) * (e1 + 2 * e2 + 2 * e3 + e4)
+    return transfer(x, t, t_next, e, ac)
+
+
+def fon_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    """Classical fourth-order method on the ODE in x; history holds the derivatives, not the eps.
+
+    Every stage's derivative is T(x, t, t - 1, e) - x at the step's starting x and t, as the reference
+    evaluates it (so the inner stages only see their eps change, not their x or t).
+    """
+    def derivative(e):
+        return transfer(x, t, t - 1, e, ac) - x
+
+    h = t - t_next
+    if len(history) > 2:
+        history.append(derivative(m(x, t)))
+        d = (1 / 24) * (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4])
+    else:
+        t_mid = (t + t_next) / 2
+        d1 = derivative(m(x, t))
+        history.append(d1)
+        d2 = derivative(m(x + d1 * h / 2, t_mid))
+        d3 = derivative(m(x + d2 * h / 2, t_mid))
+        d4 = derivative(m(x + d3 * h, t_next))
+        d = (1 / 6) * (d1 + 2 * d2 + 2 * d3 + d4)
+    return x + d * h
+
+
+STEPS = {"DDIM": ddim_step, "S-PNDM": s_pndm_step, "F-PNDM": f_pndm_step, "FON": fon_step}
+
+
+def sample_reference(m: EpsModel, noise: torch.Tensor, schedule: Schedule, method: str, sample_step: int,
+                     return_trajectory: bool = False) -> torch.Tensor:
+    """Run `method` from `noise`; the final x, or the (steps + 1, *noise.shape) trajectory from the noise."""
+    step = STEPS[method]
+    ac = schedule.alphas_cumprod.to(device=noise.device, dtype=noise.dtype)
+    x, history, trajectory = noise, [], [noise]
+    for t, t_next in schedule.time_steps(sample_step).pairs:
+        x = step(x, t, t_next, m, ac, history)
+        if return_trajectory:
+            trajectory.append(x)
+    return torch.stack(trajectory) if return_trajectory else x

@@ -1,0 +1,124 @@
+"""The command line end to end on the small golden DDIM model: images, determinism, and every bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import golden_json, golden_path
+from PIL import Image
+
+from pndm_fast.cli import main
+from pndm_fast.models import save_state_dict
+from pndm_fast.runners.sample import noise_for
+
+TOTAL = 5
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A config file and checkpoint for the golden 16x16 DDIM model, plus a few broken checkpoints."""
+    folder = tmp_path_factory.mktemp("small")
+    meta = golden_json("ddim_small_linear_seed1.json")
+    config = {"Schedule": meta["Schedule"], "Model": meta["Model"], "Dataset": {"image_size": 16, "channels": 3},
+              "Sample": {"batch_size": 2, "total_num": TOTAL}}
+    (folder / "small.yml").write_text(yaml.safe_dump(config))
+    state = torch.load(golden_path(meta["checkpoint"]), weights_only=True)
+    renamed = dict(state)
+    renamed["conv_in.weight_renamed"] = renamed.pop("conv_in.weight")
+    reshaped = dict(state)
+    reshaped["conv_out.bias"] = torch.zeros(7)
+    poisoned = {k: v.clone() for k, v in state.items()}
+    poisoned["conv_out.bias"].fill_(float("nan"))
+    for name, sd in [("renamed", renamed), ("reshaped", reshaped), ("nan", poisoned)]:
+        save_state_dict(sd, str(folder / f"{name}.ckpt"))
+    return {"config": str(folder / "small.yml"), "ckpt": str(golden_path(meta["checkpoint"])), "folder": folder}
+
+
+def run_cli(small, *extra, out=None):
+    argv = ["--config", small["config"], "--model_path", small["ckpt"], "--sample_step", "5", "--device", "cpu",
+            "--no_progress"] + (["--image_path", str(out)] if out else []) + list(extra)
+    return main(argv)
+
+
+def read_images(folder) -> dict:
+    return {name: np.asarray(Image.open(folder / name)) for name in sorted(os.listdir(folder))}
+
+
+def test_noise_of_an_image_depends_only_on_seed_and_index():
+    one_batch = noise_for(range(0, 5), (3, 4, 4), seed=3)
+    split = torch.cat([noise_for(range(0, 2), (3, 4, 4), seed=3), noise_for(range(2, 5), (3, 4, 4), seed=3)])
+    torch.testing.assert_close(one_batch, split, rtol=0, atol=0)
+    assert not torch.equal(noise_for(range(0, 1), (3, 4, 4), seed=4)[0], one_batch[0])
+
+
+def test_images_are_written_and_do_not_depend_on_batch_size(small, tmp_path, capsys):
+    assert run_cli(small, "--batch_size", "2", "--grid", str(tmp_path / "grid.png"), out=tmp_path / "a") == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.startswith(f"wrote {TOTAL} images") and "images/s" in summary
+    assert run_cli(small, "--batch_size", "3", out=tmp_path / "b") == 0
+    a, b = read_images(tmp_path / "a"), read_images(tmp_path / "b")
+    assert list(a) == [f"{i:06d}.png" for i in range(TOTAL)] and a[list(a)[0]].shape == (16, 16, 3)
+    # The noise is bitwise the same (above); the UNet itself rounds differently by batch size on the CPU
+    # (BLAS picks a GEMV kernel at batch 1 and blocks GEMMs by row count, ~1e-7 relative), which can move a
+    # value that sits on a rounding boundary by one grey level, and nothing more.
+    diff = np.abs(np.stack(list(a.values())).astype(int) - np.stack(list(b.values())).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert len({img.tobytes() for img in a.values()}) == TOTAL  # different noise per index
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 2 * 18, 2 + 3 * 18, 3)  # 5 tiles in 2 rows of 3, 2-pixel padding
+    np.testing.assert_array_equal(grid[2:18, 2:18], a["000000.png"])
+
+
+def test_another_seed_gives_other_images(small, tmp_path):
+    assert run_cli(small, "--total_num", "1", out=tmp_path / "a") == 0
+    assert run_cli(small, "--total_num", "1", "--seed", "7", out=tmp_path / "b") == 0
+    assert not np.array_equal(read_images(tmp_path / "a")["000000.png"], read_images(tmp_path / "b")["000000.png"])
+
+
+BAD_INPUTS = [
+    (["--method", "RK45"], "invalid choice: 'RK45'"),
+    (["--model", "VAE"], "invalid choice: 'VAE'"),
+    (["--config", "no-such-config"], "unknown config 'no-such-config'"),
+    (["--model", "iDDPM"], "disagrees with the config's Model.struc DDIM"),
+    (["--model_path", "/nonexistent/model.ckpt"], "github.com/luping-liu/PNDM"),
+    (["--model_path", "{folder}/renamed.ckpt"], "conv_in.weight"),
+    (["--model_path", "{folder}/reshaped.ckpt"], "conv_out.bias"),
+    (["--sample_step", "0"], "sample_step must be an integer from 1 to 1000"),
+    (["--sample_step", "1001"], "sample_step must be an integer from 1 to 1000"),
+    (["--sample_step", "333"], "past the table"),
+    (["--backend", "graph"], "needs a CUDA device"),
+    (["--model_path", "{folder}/nan.ckpt"], "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_code_2(small, tmp_path, capsys, extra, message):
+    extra = [arg.format(folder=small["folder"]) for arg in extra]
+    try:
+        code = run_cli(small, *extra, out=tmp_path / "out")
+    except SystemExit as exit_:  # argparse's own refusals exit instead of returning
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+
+
+def test_a_failing_run_leaves_images_already_written_intact(small, tmp_path):
+    assert run_cli(small, "--total_num", "2", out=tmp_path) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    assert run_cli(small, "--model_path", str(small["folder"] / "nan.ckpt"), out=tmp_path) == 2
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_python_dash_m_is_the_same_program(small, tmp_path):
+    cmd = [sys.executable, "-m", "pndm_fast", "--config", small["config"], "--model_path", small["ckpt"],
+           "--sample_step", "4", "--total_num", "2", "--image_path", str(tmp_path), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 images" in done.stdout and sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png"]
+    bad = subprocess.run(cmd[:-2] + ["--sample_step", "9"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

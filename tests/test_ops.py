@@ -1,0 +1,222 @@
+"""pndm_fast.ops.lincomb: torch and C++ paths against float64 truth, errors, torch.compile (triton: test_ops_triton.py).
+
+Three-way check (STYLE 6): an implementation's max error against float64 math on the same inputs must be at
+most twice the error of the plain-torch fp32 twin, plus one fp32 ulp of the result's scale.
+"""
+
+import pytest
+import torch
+
+from pndm_fast import ops
+
+# (1,) a single element; 3x3x17x19 = 2907 and 1100: not multiples of triton's 1024 BLOCK nor of the C++ 512
+# chunk, several blocks; 3x3x65x67 = 39195: above the C++ OpenMP threshold of 32768, odd tail.
+SHAPES = [(1,), (1100,), (3, 3, 17, 19), (2, 3, 32, 32), (3, 3, 65, 67)]
+OPERAND_DTYPES = {
+    "f32": [torch.float32] * 5,
+    "bf16": [torch.bfloat16] * 5,
+    "f16": [torch.float16] * 5,
+    "mixed": [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16, torch.float32],
+}
+# keep_x, out2 (None, or keep_x2), out written in place over x
+FLAGS = [(True, None, False), (False, None, False), (True, False, False), (False, True, False),
+         (True, None, True), (True, False, True)]
+
+
+def make_case(shape, k, dtypes, gen):
+    """x, operands, weights shaped like a PNDM step: w[0] = A-1 tiny, the rest O(1)."""
+    x = torch.randn(shape, generator=gen)
+    operands = [torch.randn(shape, generator=gen).to(dtypes[j]) for j in range(k)]
+    w = [-1e-3 * float(torch.rand((), generator=gen))] + torch.randn(k, generator=gen, dtype=torch.float64).tolist()
+    w2 = [0.3 * float(torch.randn((), generator=gen))] + torch.randn(k, generator=gen, dtype=torch.float64).tolist()
+    return x, operands, w, w2
+
+
+def truth(x, operands, w, keep_x):
+    """float64 math on the exact same inputs (bf16/fp16 -> float64 is exact)."""
+    x64 = x.double()
+    delta = w[0] * x64 + sum(wj * v.double() for wj, v in zip(w[1:], operands))
+    scale = (x64.abs() * (abs(w[0]) + keep_x) + sum(abs(wj) * v.double().abs() for wj, v in zip(w[1:], operands)))
+    return (x64 + delta if keep_x else delta), scale.max().item()
+
+
+def assert_close_to_truth(got, twin, want, scale):
+    assert not got.isnan().any(), "output not fully written (NaN poison left)"
+    err = (got.double() - want).abs().max().item()
+    err_twin = (twin.double() - want).abs().max().item()
+    bound = 2 * err_twin + torch.finfo(torch.float32).eps * scale
+    assert err <= bound, f"error {err:.3g} > 2 x torch fp32 error {err_twin:.3g} + 1 ulp"
+
+
+def run(impl, x, operands, w, keep_x, keep_x2, w2, in_place):
+    """Call lincomb with NaN-poisoned outputs; returns (out, out2 or None)."""
+    out = x.clone() if in_place else torch.full_like(x, float("nan"))
+    out2 = None if keep_x2 is None else torch.full_like(x, float("nan"))
+    xin = out if in_place else x
+    ops.lincomb(out, xin, operands, w, keep_x, out2, None if out2 is None else w2, bool(keep_x2), impl=impl)
+    return out, out2
+
+
+IMPLS = ["torch"] + (["cpp"] if ops.cpp_available() else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("k", range(6))
+@pytest.mark.parametrize("dtypes", OPERAND_DTYPES, ids=str)
+def test_matches_float64(impl, k, dtypes):
+    gen = torch.Generator().manual_seed(1000 * k + len(dtypes))
+    for i, (keep_x, keep_x2, in_place) in enumerate(FLAGS):
+        for shape in (SHAPES[i % len(SHAPES)], SHAPES[(i + 2) % len(SHAPES)]):  # every shape meets several flags
+            x, operands, w, w2 = make_case(shape, k, OPERAND_DTYPES[dtypes], gen)
+            out, out2 = run(impl, x, operands, w, keep_x, keep_x2, w2, in_place)
+            twin, twin2 = run("torch", x, operands, w, keep_x, keep_x2, w2, False)
+            want, scale = truth(x, operands, w, keep_x)
+            assert_close_to_truth(out, twin, want, scale)
+            if keep_x2 is not None:
+                want2, scale2 = truth(x, operands, w2, keep_x2)
+                assert_close_to_truth(out2, twin2, want2, scale2)
+
+
+def test_cpp_required_in_this_checkout():
+    """The editable install builds pndm_fast._C; without it the cpp tests above would silently shrink."""
+    assert ops.cpp_available(), "pndm_fast._C is not built; run `pip install -e .`"
+    assert ops.available_impls("cpu")[0] == "cpp"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_converts_every_16bit_pattern_like_torch(dtype):
+    """All 65536 bf16/fp16 bit patterns incl. subnormals, infs and NaNs: cpp equals torch bit for bit."""
+    v = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = torch.zeros(v.shape)
+    got, want = torch.empty_like(x), torch.empty_like(x)
+    ops.lincomb(got, x, [v], [0.0, 1.0], impl="cpp")
+    ops.lincomb(want, x, [v], [0.0, 1.0], impl="torch")
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_propagate(impl):
+    x = torch.tensor([1.0, float("nan"), 2.0, 3.0, float("inf")])
+    v = torch.tensor([float("inf"), 1.0, float("nan"), -1.0, 1.0])
+    out = torch.empty_like(x)
+    ops.lincomb(out, x, [v], [-1e-3, 0.5], impl=impl)
+    # x = inf gives inf + (A-1)*inf = inf - inf = NaN, as in the formula's plain-torch twin
+    assert out[0] == float("inf") and out[1].isnan() and out[2].isnan() and out[4].isnan()
+    assert out[3] == pytest.approx(3.0 - 3e-3 - 0.5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_channels_last(impl):
+    gen = torch.Generator().manual_seed(5)
+    x, operands, w, _ = make_case((2, 3, 5, 7), 3, OPERAND_DTYPES["mixed"], gen)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in [x] + operands]
+    out = torch.full_like(cl[0], float("nan"))
+    ops.lincomb(out, cl[0], cl[1:], w, impl=impl)
+    want = torch.empty_like(x)
+    ops.lincomb(want, x, operands, w, impl="torch")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
+
+
+def test_float64_runs_in_torch():
+    gen = torch.Generator().manual_seed(7)
+    x, operands, w, w2 = make_case((3, 3, 17, 19), 4, [torch.float64, torch.float32, torch.bfloat16, torch.float64],
+                                   gen)
+    x = x.double()
+    out, out2 = torch.empty_like(x), torch.empty_like(x)
+    ops.lincomb(out, x, operands, w, True, out2, w2, False)  # auto -> torch for float64
+    want, _ = truth(x, operands, w, True)
+    want2, _ = truth(x, operands, w2, False)
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(out2, want2, rtol=1e-15, atol=1e-15)
+
+
+def test_empty_tensors_are_a_no_op():
+    x = torch.empty(0, 3)
+    ops.lincomb(torch.empty_like(x), x, [torch.empty_like(x)], [0.1, 0.2])
+
+
+def _args(shape=(2, 3, 4, 4), k=2, dtype=torch.float32):
+    x = torch.randn(shape)
+    return torch.empty_like(x), x, [torch.randn(shape).to(dtype) for _ in range(k)], [0.1] * (k + 1)
+
+
+def _shifted_by_one():
+    """out and x one element apart in one buffer: overlapping but not the same tensor."""
+    buf = torch.randn(33)
+    return {"x": buf[:32], "out": buf[1:]}
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(impl="fast"), ValueError, "impl='fast' is not one of"),
+        (lambda a: a.update(x=a["x"].long()), TypeError, "x has dtype torch.int64; expected torch.float32"),
+        (lambda a: a.update(out=a["out"].half()), TypeError, "out has dtype torch.float16 but x has torch.float32"),
+        (lambda a: a["operands"].__setitem__(1, a["operands"][1].int()), TypeError, r"operands\[1\] has dtype"),
+        (lambda a: a.update(x=a["x"].double(), out=a["out"].double(), impl="cpp"), TypeError, "float64"),
+        (lambda a: a.update(operands=[a["operands"][0].double()] * 2, impl="cpp"), TypeError, "float64"),
+        (lambda a: a.update(x=a["x"][..., :3].contiguous()), ValueError, r"out has shape \(2, 3, 4, 4\) but x has"),
+        (lambda a: a["operands"].__setitem__(0, a["operands"][0][:1]), ValueError, r"operands\[0\] has shape"),
+        (lambda a: a.update(out=a["out"].to("meta")), ValueError, "out is on meta but x is on cpu"),
+        (lambda a: a.update(x=a["x"].transpose(2, 3)), ValueError, r"x must be contiguous.*call \.contiguous\(\)"),
+        (lambda a: a.update(x=a["x"].contiguous(memory_format=torch.channels_last)), ValueError, "contiguous"),
+        (lambda a: a.update(operands=[a["x"]] * 6, weights=[0.1] * 7), ValueError, "at most 5 operands"),
+        (lambda a: a.update(weights=[0.1, 0.2]), ValueError, "2 operands need 3 weights"),
+        (lambda a: a.update(out2=torch.empty_like(a["x"])), ValueError, "out2 and weights2 go together"),
+        (lambda a: a.update(out2=torch.empty_like(a["x"]), weights2=[1.0]), ValueError, "need 3 weights2"),
+        (lambda a: a.update(operands=[a["out"], a["x"]]), ValueError, r"operands\[0\] overlaps out"),
+        (lambda a: a.update(out2=a["out"], weights2=[0.1] * 3), ValueError, "out overlaps out2"),
+        (lambda a: a.update(_shifted_by_one(), operands=[], weights=[1.0]), ValueError, "x overlaps out"),
+        (lambda a: a.update(impl="cpp", **{n: a[n].to("meta") for n in ("out", "x")},
+                            operands=[v.to("meta") for v in a["operands"]]), ValueError, "impl='cpp' runs on CPU"),
+        (lambda a: a.update(out="not a tensor"), TypeError, "out must be a torch.Tensor, got str"),
+    ],
+)
+def test_errors_say_what_to_do(mutate, error, match):
+    args = dict(zip(("out", "x", "operands", "weights"), _args()), impl="auto")
+    mutate(args)
+    with pytest.raises(error, match=match):
+        ops.lincomb(**args)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out, x, operands, w = _args()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.lincomb(out, x, operands, w, impl="triton")
+
+
+def test_cpp_missing_is_explained(monkeypatch):
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_C_ERROR", "ImportError: no _C", raising=False)
+    out, x, operands, w = _args()
+    with pytest.raises(ValueError, match="pndm_fast._C is not built.*pip install -e"):
+        ops.lincomb(out, x, operands, w, impl="cpp")
+    assert ops.available_impls("cpu")[0] != "cpp"
+    ops.lincomb(out, x, operands, w)  # auto falls back to torch
+
+
+@pytest.mark.parametrize("impl", ["auto", pytest.param("torch", marks=pytest.mark.slow)])  # torch: 8 s of inductor
+def test_torch_compile_fullgraph_equals_eager(impl):
+    """torch.compile traces through lincomb (the cpp op is opaque, so its results match bit for bit)."""
+
+    def step(x, eps, hist, x_next):
+        # in place x <- x + delta, and a second output from the same operands
+        ops.lincomb(x, x, [eps, hist], [-1e-3, 0.5, -0.25], True, x_next, [0.0, 1.5, -0.5], False, impl=impl)
+        return x_next * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    gen = torch.Generator().manual_seed(11)
+    x, (eps, hist), _, _ = make_case((2, 3, 17, 19), 2, [torch.float32, torch.bfloat16], gen)
+    xe, xc = x.clone(), x.clone()
+    ne, nc = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    re, rc = step(xe, eps, hist, ne), compiled(xc, eps, hist, nc)
+    if impl == "auto":  # cpp when built, else the torch twin, either way run as is by the compiled graph
+        assert torch.equal(xe, xc) and torch.equal(ne, nc) and torch.equal(re, rc)
+    else:  # inductor generates its own loop for the torch twin: same math, maybe another rounding order
+        torch.testing.assert_close(xc, xe, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(nc, ne, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,99 @@
+"""Plans and their executors against the golden trajectories, the float64 reference, and host syncs."""
+
+import copy
+
+import pytest
+import torch
+from conftest import CallCounter, golden_model, golden_run_params, golden_trajectory, relative_l2
+
+from pndm_fast import Schedule
+from pndm_fast.ops import available_impls
+from pndm_fast.plans import PLAN_BUILDERS, ModelCall, build_plan
+from pndm_fast.sampling import sample
+
+LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000})
+F32_RUNS = [p for p in golden_run_params() if p.values[1] is None or p.values[1]["dtype"] == "f32"]
+CPU_IMPLS = [impl for impl in available_impls(torch.device("cpu"))]
+
+
+def float64_truth(name, run, noise):
+    """The golden float64 trajectory of this run, or (iDDPM has none) the float64 reference computed here."""
+    model, meta = golden_model(name)
+    f64 = [r for r in golden_model(name)[1]["runs"] if r["dtype"] == "f64" and r["method"] == run["method"]
+           and r["sample_speed"] == run["sample_speed"]]
+    if f64:
+        return golden_trajectory(f64[0], torch.float64)[1]
+    with torch.no_grad():
+        return sample(copy.deepcopy(model).double(), noise.double(), Schedule.from_config(meta["Schedule"]),
+                      run["method"], run["sample_speed"], "reference", return_trajectory=True)
+
+
+def check_backend_against_golden(name, run, backend, **options):
+    model, meta = golden_model(name)
+    noise, golden32 = golden_trajectory(run, torch.float32)
+    truth = float64_truth(name, run, noise)
+    counter = CallCounter(model)
+    with torch.no_grad():
+        trajectory = sample(counter, noise, Schedule.from_config(meta["Schedule"]), run["method"],
+                            run["sample_speed"], backend, return_trajectory=True, **options)
+    assert counter.calls == run["model_calls"]
+    for step in range(1, len(truth)):
+        ours, baseline = relative_l2(trajectory[step], truth[step]), relative_l2(golden32[step], truth[step])
+        assert ours <= 2 * baseline + 1e-7, f"step {step}: {ours:.3e} vs float32 reference {baseline:.3e}"
+
+
+@pytest.mark.parametrize("impl", ["torch"] + [i for i in CPU_IMPLS if i != "torch"])
+@pytest.mark.parametrize("name,run", F32_RUNS)
+def test_fused_backend_is_as_close_to_float64_as_the_float32_reference(name, run, impl):
+    check_backend_against_golden(name, run, "fused", impl=impl)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,run", F32_RUNS)
+def test_compiled_model_keeps_the_fused_backend_as_close(name, run):
+    check_backend_against_golden(name, run, "fused", compile=True)
+
+
+@pytest.mark.parametrize("method", list(PLAN_BUILDERS))
+@pytest.mark.parametrize("steps", [1, 2, 4, 10, 21, 50])
+def test_model_calls_of_a_plan_follow_the_papers_counts(method, steps):
+    plan = build_plan(LINEAR, method, steps)
+    n = len(LINEAR.time_steps(steps))
+    expected = {"DDIM": n, "S-PNDM": n + 1, "F-PNDM": 4 * min(3, n) + max(0, n - 3),
+                "FON": 4 * min(3, n) + max(0, n - 3)}[method]
+    assert plan.model_calls == expected == sum(isinstance(e, ModelCall) for s in plan.steps for e in s)
+    assert len(plan.steps) == n and f"{plan.model_calls} model calls" in str(plan)
+
+
+def test_plans_are_values_that_can_key_a_cache():
+    assert build_plan(LINEAR, "F-PNDM", 20) == build_plan(LINEAR, "F-PNDM", 20)
+    assert hash(build_plan(LINEAR, "FON", 20)) == hash(build_plan(LINEAR, "FON", 20))
+    assert build_plan(LINEAR, "F-PNDM", 20) != build_plan(LINEAR, "F-PNDM", 21)
+
+
+class LinearEps(torch.nn.Module):
+    """eps = 0.1 x + 1e-4 t: cheap, and its sampling run has a float64 answer to compare with."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.1))
+
+    def forward(self, x, t):
+        return x * self.scale + t.view(-1, 1, 1, 1) * 1e-4
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("method", list(PLAN_BUILDERS))
+def test_fused_loop_never_reads_a_value_back_to_the_host(method, impl, monkeypatch):
+    noise, model = torch.randn(2, 3, 8, 8), LinearEps()
+    with torch.no_grad():
+        expected = sample(model, noise.double(), LINEAR, method, 10, "reference")
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("host sync inside the sampling loop")
+
+        for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        fused = sample(model, noise, LINEAR, method, 10, "fused", impl=impl)
+        monkeypatch.undo()
+    assert relative_l2(fused, expected) < 1e-5

@@ -1,0 +1,72 @@
+"""Schedules, time steps and transfer coefficients against closed forms and the paper's formula."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pndm_fast import Schedule, UserError
+from pndm_fast.reference import transfer
+
+LINEAR = {"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000}
+
+
+def test_linear_alpha_table_is_a_float32_cumprod_of_float64_betas():
+    schedule = Schedule.from_config(LINEAR)
+    exact = np.cumprod(1 - np.linspace(1e-4, 2e-2, 1000))
+    assert schedule.alphas_cumprod.dtype == torch.float32
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy(), exact, rtol=1e-4)
+
+
+def test_cosine_alpha_table_follows_the_closed_form():
+    schedule = Schedule.from_config({"type": "cosine", "diffusion_step": 1000})
+
+    def f(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    # without the 0.999 clip, prod_{j<=i} (1 - beta_j) telescopes to f((i + 1) / N) / f(0)
+    closed = np.array([f((i + 1) / 1000) / f(0) for i in range(990)])
+    np.testing.assert_allclose(schedule.alphas_cumprod[:990].numpy(), closed, rtol=2e-4, atol=1e-7)
+    assert schedule.betas.max().item() == pytest.approx(0.999)
+
+
+def test_quad_betas_are_squares_of_a_linear_ramp():
+    schedule = Schedule.from_config({"type": "quad", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 10})
+    np.testing.assert_allclose(schedule.betas.numpy(), np.linspace(0.01, math.sqrt(0.02), 10) ** 2, rtol=1e-6)
+
+
+def test_time_steps_of_21_have_skip_47_and_22_steps():
+    times = Schedule.from_config(LINEAR).time_steps(21)
+    assert times.seq == tuple(range(0, 1000, 47)) and len(times) == 22
+    assert times.pairs[0] == (987, 940) and times.pairs[-1] == (0, -1)
+
+
+def test_every_step_count_either_stays_inside_the_table_or_is_refused():
+    schedule = Schedule.from_config(LINEAR)
+    refused = []
+    for steps in range(1, 1001):
+        try:
+            seq = schedule.time_steps(steps).seq
+        except UserError:
+            refused.append(steps)
+            continue
+        assert seq[-1] + 1 < 1000
+    # exactly the counts whose sequence reaches t = 999, where the reference reads ac[1000] and crashes
+    assert refused == [s for s in range(1, 1001) if (1000 // s) * ((999 // (1000 // s))) == 999]
+    assert {3, 9, 27, 37, 111, 333, 999} <= set(refused) and 1 not in refused
+
+
+@pytest.mark.parametrize("steps", [0, -5, 1001, 2.5])
+def test_impossible_step_counts_are_refused(steps):
+    with pytest.raises(UserError, match="sample_step"):
+        Schedule.from_config(LINEAR).time_steps(steps)
+
+
+@pytest.mark.parametrize("t,t_next", [(900, 800), (500, 475.5), (20, -1), (0, -1), (47, 23.5)])
+def test_transfer_coefficients_reproduce_the_transfer_step(t, t_next):
+    schedule = Schedule.from_config(LINEAR)
+    x, e = torch.randn(2, 3, 5, 5, dtype=torch.float64).unbind(0)
+    a_minus_1, b = schedule.transfer_coefficients(t, t_next)
+    expected = transfer(x, t, t_next, e, schedule.alphas_cumprod.double())
+    torch.testing.assert_close(x + a_minus_1 * x + b * e, expected, rtol=1e-12, atol=1e-12)

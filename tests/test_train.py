@@ -1,0 +1,185 @@
+"""The training runner and its datasets: loss goes down, restarts are bitwise exact, saves are atomic, and
+every missing input is a one-line UserError."""
+
+import copy
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pndm_fast import UserError, load_config
+from pndm_fast.data import load_dataset
+from pndm_fast.models import build_model, load_checkpoint
+from pndm_fast.runners.train import EMA_FILE, STATE_FILE, random_flip, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread: at 8x8, thread hand-offs cost more than they save, and on a
+    busy 2-core machine two spinning threads ran 10x slower. Module scope: run_a must see the same thread
+    count as the tests that compare with it bit for bit (convolutions sum in a thread-dependent order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**train) -> dict:
+    """digits.yml shrunk to 8x8 images, batch 16 and the smallest UNet GroupNorm(32) allows."""
+    config = copy.deepcopy(load_config("digits"))
+    config["Dataset"].update(image_size=8, batch_size=16)
+    config["Model"].update(image_size=8, ch=32, ch_mult=[1, 2], attn_resolutions=[4])
+    config["Train"].update({"save_every": 1000, "ema_rate": 0.9, **train})
+    config["Optim"]["lr"] = 1e-3
+    return config
+
+
+def read_state(folder) -> dict:
+    return torch.load(os.path.join(folder, STATE_FILE), weights_only=True)
+
+
+def assert_bitwise_equal(a, b, where="state"):
+    """Nested dicts/lists of tensors and numbers equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """An uninterrupted 6-step run that also saves at step 3."""
+    folder = tmp_path_factory.mktemp("run_a")
+    summary = train(tiny_config(save_every=3), str(folder), max_steps=6, progress=False)
+    return folder, summary
+
+
+def test_loss_goes_down_on_digits(tmp_path):
+    summary = train(tiny_config(), str(tmp_path), max_steps=40, progress=False)
+    losses = summary["losses"]
+    assert summary["step"] == 40 and len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+
+def test_restart_is_bitwise_exact(run_a, tmp_path):
+    folder_a, summary_a = run_a
+    train(tiny_config(save_every=3), str(tmp_path), max_steps=3, progress=False)  # "interrupted" after a save
+    assert read_state(tmp_path)["step"] == 3
+    summary_b = train(tiny_config(save_every=3), str(tmp_path), restart=True, max_steps=6, progress=False)
+    assert summary_b["losses"] == summary_a["losses"][3:]
+    state_a, state_b = read_state(folder_a), read_state(tmp_path)
+    for key in ("model", "optimizer", "ema", "step", "epoch", "batch"):
+        assert_bitwise_equal(state_a[key], state_b[key], key)
+    ema_a = torch.load(folder_a / EMA_FILE, weights_only=True)
+    assert_bitwise_equal(ema_a, torch.load(tmp_path / EMA_FILE, weights_only=True), "ema.ckpt")
+    assert_bitwise_equal(ema_a, state_a["ema"], "ema.ckpt vs train_state")
+
+
+def test_saves_are_atomic_and_loadable(run_a):
+    folder, _ = run_a
+    assert sorted(os.listdir(folder)) == sorted([EMA_FILE, STATE_FILE])  # no temporary files left behind
+    config = tiny_config()
+    load_checkpoint(build_model(config), folder / EMA_FILE)  # strict keys and shapes
+    state = read_state(folder)
+    assert state["step"] == 6 and state["config"] == tiny_config(save_every=3)
+
+
+def test_ema_follows_the_weights(run_a):
+    state = read_state(run_a[0])
+    assert not torch.equal(state["ema"]["conv_in.weight"], state["model"]["conv_in.weight"])
+
+
+def test_existing_checkpoint_is_never_overwritten(run_a):
+    folder, _ = run_a
+    before = (folder / STATE_FILE).read_bytes()
+    with pytest.raises(UserError, match="pass --restart to resume or choose an empty folder"):
+        train(tiny_config(), str(folder), max_steps=1, progress=False)
+    assert (folder / STATE_FILE).read_bytes() == before
+
+
+def test_restart_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UserError, match="--restart needs"):
+        train(tiny_config(), str(tmp_path), restart=True, max_steps=1, progress=False)
+
+
+def test_training_leaves_the_global_rng_alone(tmp_path):
+    before = torch.get_rng_state()
+    train(tiny_config(), str(tmp_path), max_steps=1, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_random_flip_mirrors_about_half():
+    x = torch.arange(4.0).expand(200, 1, 2, 4)
+    flipped = random_flip(x, torch.Generator().manual_seed(0))[:, 0, 0, 0] == 3
+    assert 60 < int(flipped.sum()) < 140
+
+
+def dataset_config(name: str, size: int, channels: int) -> dict:
+    return {"Dataset": {"dataset": name, "image_size": size, "channels": channels}}
+
+
+def test_digits_are_in_unit_range():
+    data = load_dataset(dataset_config("Digits", 16, 3))
+    assert len(data) == 1797 and data[0].shape == (3, 16, 16)
+    assert data[0].min() >= 0 and data[0].max() <= 1 and data[0].max() > 0.5
+
+
+def test_digits_without_sklearn(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "sklearn.datasets", None)
+    with pytest.raises(UserError, match="pip install scikit-learn"):
+        load_dataset(dataset_config("digits", 16, 1))
+
+
+def test_cifar10_missing(tmp_path):
+    with pytest.raises(UserError, match=r"CIFAR-10 not found in .*data_batch_1\.\.5.*--data_path"):
+        load_dataset(dataset_config("CIFAR10", 32, 3), str(tmp_path))
+
+
+def test_cifar10_from_pickle_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (2, 3072), dtype=np.uint8) for _ in range(5)]
+    for i, data in enumerate(batches, 1):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": [0, 1]}, f)
+    data = load_dataset(dataset_config("cifar10", 32, 3), str(tmp_path))
+    assert len(data) == 10
+    expected = torch.from_numpy(batches[1][1].reshape(3, 32, 32)).float() / 255
+    assert torch.equal(data[3], expected)  # rows are channel-major: 1024 red, 1024 green, 1024 blue
+
+
+def test_image_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (20, 40), (0, 0, 255)).save(tmp_path / "sub" / "b.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    rgb = load_dataset(dataset_config("folder", 8, 3), str(tmp_path))
+    assert len(rgb) == 2 and rgb[0].shape == (3, 8, 8)
+    assert torch.allclose(rgb[0][0], torch.ones(8, 8)) and rgb[0][1:].max() == 0
+    gray = load_dataset(dataset_config("images", 8, 1), str(tmp_path))
+    assert gray[1].shape == (1, 8, 8)
+
+
+def test_image_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="no images"):
+        load_dataset(dataset_config("folder", 8, 3), str(tmp_path))
+    with pytest.raises(UserError, match="does not exist"):
+        load_dataset(dataset_config("folder", 8, 3), str(tmp_path / "absent"))
+
+
+def test_dataset_needs_a_path():
+    with pytest.raises(UserError, match="--data_path"):
+        load_dataset(dataset_config("CIFAR10", 32, 3))
