@@ -3,8 +3,8 @@
     out  = (x if keep_x  else 0) + (w[0]*x  + sum_j w[j+1]*v_j)
     out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional)
 
-Unfused torch needs one pass per term; with 4 operands and two outputs that is ~14 passes, fused it is
-5 reads + 2 writes. The delta is accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny
+With 4 operands the plain-torch twin (pndm_fast.ops.lincomb_torch) runs 11 kernels per output and moves
+27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny
 (~1e-3) and ``(1+w0)*x`` in fp32 would round w0 away.
 
 Three layers (STYLE 5): ``lincomb_kernel`` (the @triton.jit kernel), ``lincomb_triton`` (host wrapper:
@@ -110,7 +110,7 @@ def _interpreted_kernel():
 def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False):
     """Host wrapper: out (and out2) <- see the module docstring; returns None and allocates nothing.
 
-    All tensors have the same shape and strides and are dense ([N] once flattened in memory order).
+    All tensors have one shape and are dense with the same memory order (pndm_fast.ops checks the layout).
     out, out2, x: float32; operands: up to 5 of float32/bfloat16/float16; weights: len(operands)+1 floats.
     CUDA tensors, or CPU tensors with TRITON_INTERPRET=1. User-facing checks live in ``pndm_fast.ops``.
     """
@@ -123,6 +123,12 @@ def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=N
         raise TypeError("lincomb_triton needs float32 x/out/out2")
     if any(v.dtype not in OPERAND_DTYPES for v in operands):
         raise TypeError("lincomb_triton operands must be float32, bfloat16 or float16")
+    tensors = [out, x, *operands] + ([] if out2 is None else [out2])
+    if any(t.shape != x.shape or t.device != x.device for t in tensors):
+        raise ValueError("lincomb_triton needs tensors of one shape and device")
+    if x.device.type == "cuda" and torch.cuda.is_available() and x.device.index != torch.cuda.current_device():
+        # triton launches on the current device, whatever the pointers say
+        raise ValueError(f"lincomb_triton: x is on {x.device}; call torch.cuda.set_device({x.device.index}) first")
     if x.device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("triton on CPU tensors needs TRITON_INTERPRET=1; use impl='cpp' or 'torch' on CPU")
@@ -130,13 +136,15 @@ def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=N
     else:
         kernel = lincomb_kernel
 
+    # Dense, same memory order: the kernel walks each storage as a flat [N] array, no reshape needed.
     n = x.numel()
     block, num_warps = launch_config(n)
     v = list(operands) + [x] * (MAX_OPERANDS - k)
-    w = list(weights) + [0.0] * (MAX_OPERANDS + 1 - len(weights))
-    u = list(weights2) + [0.0] * (MAX_OPERANDS + 1 - len(weights2)) if out2 is not None else [0.0] * 6
+    w = list(weights) + [0.0] * (MAX_OPERANDS + 1 - k - 1)
+    u = [0.0] * (MAX_OPERANDS + 1) if out2 is None else list(weights2) + [0.0] * (MAX_OPERANDS + 1 - k - 1)
+    has_out2 = out2 is not None
     wrap_triton(kernel)[(triton.cdiv(n, block),)](
-        out, out if out2 is None else out2, x, *v, *w, *u, n,
-        NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=out2 is not None, KEEP_X2=out2 is not None and bool(keep_x2),
+        out, out2 if has_out2 else out, x, *v, *w, *u, n,
+        NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=has_out2, KEEP_X2=has_out2 and bool(keep_x2),
         BLOCK=block, num_warps=num_warps,
     )

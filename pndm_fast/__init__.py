@@ -2,6 +2,11 @@
 
 from .config import load_config
 from .errors import UserError
+from .models import build_model, load_checkpoint
+from .ops import lincomb
+from .plans import build_plan
+from .sampling import sample
 from .schedule import Schedule
 
-__all__ = ["load_config", "Schedule", "UserError"]
+__all__ = ["load_config", "build_model", "load_checkpoint", "Schedule", "sample", "build_plan", "lincomb",
+           "UserError"]

@@ -61,7 +61,7 @@ def square_resize(image: Image.Image, size: int) -> Image.Image:
     """The largest centered square of the image, resized to size x size (bilinear, antialiased by Pillow)."""
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ def load_digits(image_size: int, channels: int) -> TensorImages:
     images = torch.from_numpy(sklearn_digits().images).float().unsqueeze(1) / 16.0
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return TensorImages(match_channels(images.clamp(0, 1), channels), 1.0)
+    return TensorImages(match_channels(images, channels), 1.0)
 
 
 def cifar_folder(path: str) -> str:

@@ -51,14 +51,12 @@ def triton_available() -> bool:
 def available_impls(device) -> list[str]:
     """The implementations that lincomb can run on float32 tensors of `device`, fastest first."""
     kind = torch.device(device).type
-    impls = []
-    interpreted = kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    triton_ok = (kind == "cuda" or interpreted) and triton_available()
-    if kind == "cuda" and triton_ok:
-        impls.append("triton")
-    if kind == "cpu" and cpp_available():
-        impls.append("cpp")
-    if kind == "cpu" and triton_ok:
+    if kind == "cuda":
+        return (["triton"] if triton_available() else []) + ["torch"]
+    if kind != "cpu":
+        return ["torch"]
+    impls = ["cpp"] if cpp_available() else []
+    if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
         impls.append("triton")
     return impls + ["torch"]
 

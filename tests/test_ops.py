@@ -66,7 +66,8 @@ IMPLS = ["torch"] + (["cpp"] if ops.cpp_available() else [])
 def test_matches_float64(impl, k, dtypes):
     gen = torch.Generator().manual_seed(1000 * k + len(dtypes))
     for i, (keep_x, keep_x2, in_place) in enumerate(FLAGS):
-        for shape in (SHAPES[i % len(SHAPES)], SHAPES[(i + 2) % len(SHAPES)]):  # every shape meets several flags
+        # every shape meets a flag set, the small ones several (the large one is slow when cores are shared)
+        for shape in (SHAPES[i % len(SHAPES)], SHAPES[(i + 1) % (len(SHAPES) - 1)]):
             x, operands, w, w2 = make_case(shape, k, OPERAND_DTYPES[dtypes], gen)
             out, out2 = run(impl, x, operands, w, keep_x, keep_x2, w2, in_place)
             twin, twin2 = run("torch", x, operands, w, keep_x, keep_x2, w2, False)

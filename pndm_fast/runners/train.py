@@ -36,6 +36,8 @@ def stream_seed(seed: int, stream: int, index: int) -> int:
 def make_optimizer(params, section: dict) -> torch.optim.Optimizer:
     """The reference's optimizer from the Optim section: Adam(lr, weight_decay, (beta1, 0.999), amsgrad, eps)."""
     kind = section.get("optimizer", "adam")
+    if "lr" not in section:
+        raise UserError("config Optim section lacks lr (the learning rate, e.g. lr: 0.0002)")
     if kind == "adam":
         return torch.optim.Adam(params, lr=section["lr"], weight_decay=section.get("weight_decay", 0.0),
                                 betas=(section.get("beta1", 0.9), 0.999), amsgrad=section.get("amsgrad", False),

@@ -1,0 +1,136 @@
+"""End to end: F-PNDM with the real DDIM UNets, images/s and latency per batch, against the model alone.
+
+The lower bound of a run is its model calls times one forward of the same model variant at the same batch,
+timed the same way; the ratio to it is what the sampler costs on top of the network.
+
+    python benchmarks/bench_e2e.py [--quick | --smoke] [--out DIR] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import common
+from pndm_fast import Schedule, build_model, build_plan, load_config, sample
+from pndm_fast.runners.sample import DTYPES, image_shape, load_model, resolve_model_path
+from pndm_fast.sampling import compiled
+
+NAME = "e2e"
+METHOD = "F-PNDM"
+T_FORWARD = 500.0  # the time fed to the lone forward; the UNet's cost does not depend on it
+# name -> (backend, torch.compile, model dtype); graph is CUDA only.
+VARIANTS = {
+    "reference": ("reference", False, "fp32"),
+    "fused": ("fused", False, "fp32"),
+    "fused+compile": ("fused", True, "fp32"),
+    "graph+compile": ("graph", True, "fp32"),
+    "bf16": ("fused", False, "bf16"),
+}
+REPS = {"full": 5, "quick": 1, "smoke": 1}
+
+
+def configurations(device: torch.device, mode: str) -> tuple[list[tuple], list[str]]:
+    """(model, batches, variants, sample_step) to run, and a note for each thing left out."""
+    variants = [v for v in VARIANTS if device.type == "cuda" or v != "graph+compile"]
+    notes = [] if device.type == "cuda" else ["graph+compile: skipped, CUDA graphs need a CUDA device"]
+    if mode == "smoke":
+        return [("digits", [1], ["reference", "fused"], 1)], notes
+    batches = [1, 16, 256] if device.type == "cuda" else [1, 16]
+    if mode == "full":
+        return [("ddim-cifar10", batches, variants, 50), ("digits", batches, variants, 50)], notes
+    if device.type == "cuda":
+        return [("ddim-cifar10", batches, variants, 5), ("digits", batches, variants, 5)], notes
+    # A 2-core CPU: a cifar10 forward takes ~0.1-1 s, bf16 convolutions are ~5x slower than fp32 and inductor
+    # compiles a UNet in ~90 s, so --quick keeps to what finishes in a couple of minutes.
+    notes.append("--quick on CPU: ddim-cifar10 at batch 1 with reference and fused only; digits without the "
+                 "compile variants (inductor takes ~90 s per UNet on 2 cores); run without --quick for all.")
+    return [("ddim-cifar10", [1], ["reference", "fused"], 5),
+            ("digits", batches, ["reference", "fused", "bf16"], 5)], notes
+
+
+def load(name: str, device: torch.device, dtype: str) -> tuple[torch.nn.Module, str]:
+    """The model in eval mode and the kind of weights: the bundled ones (digits) or seeded random ones."""
+    config = load_config(name)
+    if "model_path" in (config.get("Sample") or {}) and os.path.isfile(resolve_model_path(None, config)):
+        return load_model(config, None, str(device), dtype), "bundled"
+    torch.manual_seed(0)  # the cost of a forward does not depend on the weights' values
+    model = build_model(config).to(device=device, dtype=DTYPES[dtype])
+    return model.eval().requires_grad_(False), "random"
+
+
+def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
+    device, mode = torch.device(args.device), common.mode(args)
+    reps = REPS[mode]
+    configs, notes = configurations(device, mode)
+    rows, panels = [], []
+    for model_name, batches, variants, steps in configs:
+        config = load_config(model_name)
+        schedule = Schedule.from_config(config["Schedule"])
+        calls = build_plan(schedule, METHOD, steps).model_calls
+        models = {dtype: load(model_name, device, dtype) for dtype in {VARIANTS[v][2] for v in variants}}
+        weights = next(iter(models.values()))[1]
+        if weights == "random" and model_name == "digits":
+            notes.append("digits: bundled weights absent, timed with random weights (same cost)")
+        panel = common.Panel(f"{model_name} ({weights} weights), {METHOD} {steps} steps", "batch", "images/s")
+        for batch in batches:
+            noise = torch.randn((batch, *image_shape(config)), generator=torch.Generator().manual_seed(0)).to(device)
+            base, forwards = None, {}
+            for variant in variants:
+                backend, compile_, dtype = VARIANTS[variant]
+                model = models[dtype][0]
+                with torch.inference_mode():
+                    def loop():
+                        return sample(model, noise, schedule, METHOD, steps, backend=backend, compile=compile_)
+
+                    first_s = common.timed_first_call(loop, device)  # compile, capture, cuDNN autotuning
+                    timing = common.measure(loop, device, reps, warmup=0)
+                    if (dtype, compile_) not in forwards:  # variants calling the same network share its bound
+                        net = compiled(model) if compile_ else model  # the very module the sampler called
+                        x = noise.to(DTYPES[dtype])
+                        t = torch.full((batch,), T_FORWARD, device=device)
+                        forwards[dtype, compile_] = common.measure(lambda: net(x, t), device, max(reps, 3), warmup=1)
+                    forward = forwards[dtype, compile_]
+                base = base or timing
+                ratio, noise_flag = common.speedup(base, timing)
+                bound = calls * forward.seconds
+                rows.append({
+                    "bench": NAME, "model": model_name, "weights": weights, "batch": batch, "variant": variant,
+                    "steps": steps, "model_calls": calls, "first_s": first_s,
+                    "latency_ms": timing.seconds * 1e3, "latency_ms_spread": timing.spread * 1e3,
+                    "images_per_s": batch / timing.seconds, "forward_ms": forward.seconds * 1e3,
+                    "forward_ms_spread": forward.spread * 1e3, "bound_ms": bound * 1e3,
+                    "x_bound": timing.seconds / bound, "vs_reference": ratio, "noise": noise_flag,
+                })
+                panel.add(variant, batch, batch / timing.seconds)
+        panels.append(panel)
+    notes = [
+        "latency: one sample() call at steady state, two medians of "
+        f"{reps} run(s), +- their distance; first s: the first call (torch.compile, CUDA graph capture, "
+        "allocations), not in the latency. bound = model calls x one forward (same model variant and batch, "
+        "median of two timings); x bound = latency / bound. A speedup within the spread is marked (noise).",
+        "Variants: reference = the paper's formulas op by op, eager fp32; fused = plan + fused lincomb; +compile = "
+        "torch.compile of the UNet; graph = the whole loop in one CUDA graph; bf16 = fused with the UNet in "
+        "bfloat16 (the sampler state stays float32). ddim-cifar10 uses seeded random weights (35.7M parameters).",
+    ] + notes
+    return rows, panels, notes
+
+
+COLUMNS = [
+    common.Column("model", "model"), common.Column("batch", "batch"), common.Column("variant", "variant"),
+    common.Column("steps", "steps"), common.Column("calls", "model_calls"),
+    common.Column("latency ms", "latency_ms", "{:.1f}"), common.Column("+-", "latency_ms_spread", "{:.1f}"),
+    common.Column("images/s", "images_per_s", "{:.2f}"), common.Column("forward ms", "forward_ms", "{:.2f}"),
+    common.Column("x bound", "x_bound", "{:.2f}"),
+    common.Column("vs reference", lambda r: common.speedup_text(r["vs_reference"], r["noise"])),
+    common.Column("first s", "first_s", "{:.2f}"),
+]
+
+
+def main(argv: list[str] | None = None) -> tuple[str, list[dict]]:
+    return common.main("bench_e2e.py", __doc__, NAME, run, COLUMNS, argv)
+
+
+if __name__ == "__main__":
+    main()

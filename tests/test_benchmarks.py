@@ -1,0 +1,71 @@
+"""Every benchmark runs in its tiny --smoke mode, so none of them rots: JSON rows with the required fields, the
+tables printed, RESULTS.md regenerated with its GPU section kept. No timing is asserted."""
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import common  # noqa: E402
+import run_all  # noqa: E402
+
+# Per benchmark, the measurement fields each row must carry besides common.REQUIRED_FIELDS.
+FIELDS = {
+    "kernels": ("shape", "provider", "us", "us_spread", "gbps", "copy_gbps", "floor_us", "of_roofline"),
+    "sampler": ("batch", "provider", "model_calls", "ms_per_call", "ms_per_call_spread", "floor_ms", "x_floor"),
+    "e2e": ("model", "batch", "variant", "model_calls", "latency_ms", "latency_ms_spread", "images_per_s",
+            "first_s", "bound_ms", "x_bound"),
+}
+GPU = "## GPU (H100)\n\n| kept | table |\n\n## GPU bf16\nalso kept\n"
+PROVIDERS = {"kernels": {"torch-reference", "torch-compile"},
+             "sampler": {"paper's loop", "pndm_fast reference", "pndm_fast torch", "pndm_fast fused"},
+             "e2e": {"reference", "fused"}}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """run_all.py --smoke into a tmp folder that already holds a RESULTS.md with GPU sections; (folder, stdout)."""
+    out = tmp_path_factory.mktemp("bench")
+    (out / "RESULTS.md").write_text(f"# old\n\n## Kernels\nstale\n\n{GPU}")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_all.main(["--smoke", "--out", str(out), "--device", "cpu"])
+    return out, printed.getvalue()
+
+
+@pytest.mark.parametrize("name", list(FIELDS))
+def test_rows_have_the_required_fields(smoke, name):
+    rows = json.loads((smoke[0] / f"{name}.json").read_text())
+    assert rows
+    for row in rows:
+        missing = [k for k in common.REQUIRED_FIELDS + FIELDS[name] if row.get(k) is None]
+        assert not missing, f"{name} row {row} lacks {missing}"
+        assert row["command"].startswith(f"python benchmarks/bench_{name}.py --smoke")
+    names = {row.get("provider") or row.get("variant") for row in rows}
+    assert PROVIDERS[name] <= names
+
+
+def test_results_md_has_every_table_and_keeps_gpu_sections(smoke):
+    text = (smoke[0] / "RESULTS.md").read_text()
+    for title, bench in run_all.BENCHES:
+        assert f"## {title}" in text and f"python benchmarks/bench_{bench.NAME}.py --smoke" in text
+    assert sum(line.startswith("|---|") for line in text.splitlines()) == 3  # one table per benchmark
+    assert "stale" not in text
+    assert text.endswith(GPU)
+
+
+@pytest.mark.parametrize("header", ["| shape | MB | provider |", "| batch | provider | calls |",
+                                    "| model | batch | variant |"])
+def test_tables_print(smoke, header):
+    assert header in smoke[1]
+
+
+def test_gpu_sections_are_cut_at_the_next_heading():
+    text = "# R\n## Kernels\nx\n## GPU\nkeep\n## E2E\ny\n"
+    assert run_all.gpu_sections(text) == "## GPU\nkeep\n"
