@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .atomic import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -23,16 +24,9 @@ def _pil(pixels: np.ndarray) -> Image.Image:
 
 
 def write_png_atomic(pixels: np.ndarray, path: str) -> None:
-    """Write to a temporary name beside `path`, then rename: a reader never sees a partial file under `path`,
-    and an image already at `path` stays whole until the new one is complete."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
+    """Write a PNG so that a reader never sees a partial file under `path` (see atomic_path)."""
+    with atomic_path(path) as tmp:
         _pil(pixels).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def image_grid(pixels: np.ndarray, padding: int = 2) -> np.ndarray:

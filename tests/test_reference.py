@@ -25,11 +25,11 @@ def test_reference_matches_golden_trajectory(name, run):
     model, meta = golden_model(name)
     dtype = DTYPES[run["dtype"]]
     noise, golden = golden_trajectory(run, dtype)
-    counter = CallCounter(copy.deepcopy(model).to(dtype))
+    model = copy.deepcopy(model).to(dtype)
     schedule = Schedule.from_config(meta["Schedule"])
     assert list(schedule.time_steps(run["sample_speed"]).seq) == run["seq"]
-    with torch.no_grad():
-        trajectory = sample_reference(reference_eps_model(counter, noise.shape[1]), noise, schedule, run["method"],
+    with torch.no_grad(), CallCounter(model) as counter:
+        trajectory = sample_reference(reference_eps_model(model, noise.shape[1]), noise, schedule, run["method"],
                                       run["sample_speed"], return_trajectory=True)
     assert trajectory.shape == golden.shape and trajectory.dtype == dtype
     worst = max(relative_l2(trajectory[i], golden[i]) for i in range(len(golden)))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path
 from ..errors import UserError
 
 _SHOWN = 3  # how many offending keys an error message names
@@ -88,17 +88,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     """Write a state dict atomically: to a temporary file in the same folder, then os.replace, so that a
     crash mid-write never leaves a truncated checkpoint under `path`. safetensors for .safetensors, else
     torch.save."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        if path.endswith(".safetensors"):
+    with atomic_path(path) as tmp:
+        if os.fspath(path).endswith(".safetensors"):
             save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp)
         else:
             torch.save(dict(state_dict), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

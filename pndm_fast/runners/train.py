@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..data import TensorImages, load_dataset
 from ..errors import UserError
 from ..models import build_model, save_state_dict
@@ -86,16 +86,9 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, rate: float
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    os.close(fd)
-    try:
+    """torch.save that never leaves half a file under `path` (see atomic_path)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def check_train_path(train_path: str, restart: bool) -> str:
