@@ -28,7 +28,7 @@ VARIANTS = {
     "graph+compile": ("graph", True, "fp32"),
     "bf16": ("fused", False, "bf16"),
 }
-REPS = {"full": 5, "quick": 1, "smoke": 1}
+REPS = {"full": 5, "quick": 1, "smoke": 1}  # sampling runs per median
 
 
 def configurations(device: torch.device, mode: str) -> tuple[list[tuple], list[str]]:
@@ -42,12 +42,12 @@ def configurations(device: torch.device, mode: str) -> tuple[list[tuple], list[s
         return [("ddim-cifar10", batches, variants, 50), ("digits", batches, variants, 50)], notes
     if device.type == "cuda":
         return [("ddim-cifar10", batches, variants, 5), ("digits", batches, variants, 5)], notes
-    # A 2-core CPU: a cifar10 forward takes ~0.1-1 s, bf16 convolutions are ~5x slower than fp32 and inductor
-    # compiles a UNet in ~90 s, so --quick keeps to what finishes in a couple of minutes.
-    notes.append("--quick on CPU: ddim-cifar10 at batch 1 with reference and fused only; digits without the "
-                 "compile variants (inductor takes ~90 s per UNet on 2 cores); run without --quick for all.")
-    return [("ddim-cifar10", [1], ["reference", "fused"], 5),
-            ("digits", batches, ["reference", "fused", "bf16"], 5)], notes
+    # A 2-core CPU: a cifar10 forward takes 0.2-2 s (batch 1, idle to busy machine), bf16 convolutions run
+    # ~5-40x slower than fp32 there and inductor compiles a UNet in ~90 s: --quick keeps to the eager fp32 paths.
+    notes.append("--quick on CPU: reference and fused only (inductor compiles a UNet in ~90 s on 2 cores, bf16 "
+                 "convolutions are many times slower than fp32 here), ddim-cifar10 at batch 1; run without --quick "
+                 "for every variant.")
+    return [("ddim-cifar10", [1], ["reference", "fused"], 5), ("digits", batches, ["reference", "fused"], 5)], notes
 
 
 def load(name: str, device: torch.device, dtype: str) -> tuple[torch.nn.Module, str]:
@@ -90,7 +90,7 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
                         net = compiled(model) if compile_ else model  # the very module the sampler called
                         x = noise.to(DTYPES[dtype])
                         t = torch.full((batch,), T_FORWARD, device=device)
-                        forwards[dtype, compile_] = common.measure(lambda: net(x, t), device, max(reps, 3), warmup=1)
+                        forwards[dtype, compile_] = common.measure(lambda: net(x, t), device, reps, warmup=1)
                     forward = forwards[dtype, compile_]
                 base = base or timing
                 ratio, noise_flag = common.speedup(base, timing)
@@ -108,8 +108,8 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
     notes = [
         "latency: one sample() call at steady state, two medians of "
         f"{reps} run(s), +- their distance; first s: the first call (torch.compile, CUDA graph capture, "
-        "allocations), not in the latency. bound = model calls x one forward (same model variant and batch, "
-        "median of two timings); x bound = latency / bound. A speedup within the spread is marked (noise).",
+        "allocations), not in the latency. bound = model calls x one forward of the same model variant and batch, "
+        "timed the same way; x bound = latency / bound. A speedup within the spread is marked (noise).",
         "Variants: reference = the paper's formulas op by op, eager fp32; fused = plan + fused lincomb; +compile = "
         "torch.compile of the UNet; graph = the whole loop in one CUDA graph; bf16 = fused with the UNet in "
         "bfloat16 (the sampler state stays float32). ddim-cifar10 uses seeded random weights (35.7M parameters).",

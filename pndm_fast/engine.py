@@ -7,11 +7,12 @@ the host: no .item(), no .cpu(), no branch on data.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
-from .ops import lincomb
+from .ops import bind
 from .plans import STATE, Combine, ModelCall, Plan
 from .profiling import nvtx_range
 
@@ -37,18 +38,19 @@ class PlanRunner:
         self.times = {t: torch.full((shape[0],), t, dtype=torch.float32, device=device) for t in call_times}
         self.trajectory = (torch.empty((len(plan.steps) + 1, *shape), dtype=state_dtype, device=device)
                            if trajectory else None)
+        # The plan as calls with their arguments bound: each combination is checked once, here, and launched
+        # inside the loop with no Python-side checks.
+        self.program = [[functools.partial(self._call_model, e) if isinstance(e, ModelCall) else self._bind(e)
+                         for e in step] for step in plan.steps]
 
     def walk(self) -> None:
         """Run the whole plan from the noise already in `x`."""
         if self.trajectory is not None:
             self.trajectory[0].copy_(self.x)
-        for i, step in enumerate(self.plan.steps):
+        for i, step in enumerate(self.program):
             with nvtx_range(f"step {i}", self.nvtx):
-                for entry in step:
-                    if isinstance(entry, ModelCall):
-                        self._call_model(entry)
-                    else:
-                        self._combine(entry)
+                for call in step:
+                    call()
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
 
@@ -61,11 +63,11 @@ class PlanRunner:
         # A learned-sigma model returns 2C channels; the sampler uses the first C (the eps).
         self.buffers[call.dst].copy_(eps[:, : self.eps_channels])
 
-    def _combine(self, c: Combine) -> None:
+    def _bind(self, c: Combine):
         b = self.buffers
-        lincomb(b[c.out], self.x, [b[n] for n in c.operands], list(c.weights), keep_x=c.keep_x,
-                out2=b[c.out2] if c.out2 else None, weights2=list(c.weights2) or None, keep_x2=c.keep_x2,
-                impl=self.impl)
+        return bind(b[c.out], self.x, [b[n] for n in c.operands], c.weights, keep_x=c.keep_x,
+                    out2=b[c.out2] if c.out2 else None, weights2=c.weights2 or None, keep_x2=c.keep_x2,
+                    impl=self.impl)
 
 
 class GraphRunner:

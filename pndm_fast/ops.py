@@ -17,8 +17,9 @@ Implementations, all writing straight into out/out2:
   "auto"   - triton on CUDA, cpp on CPU when built, torch otherwise and for float64.
 """
 
+import functools
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -97,19 +98,31 @@ def lincomb(
     Under torch.compile the weights are constants of the graph (a new value recompiles), as they are of a
     captured CUDA graph; there is no autograd formula (sampling runs without grad).
     """
+    bind(out, x, operands, weights, keep_x, out2, weights2, keep_x2, impl)()
+
+
+def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
+         impl="auto") -> Callable[[], None]:
+    """Check a lincomb call once and return a no-argument function that performs it.
+
+    For executors that repeat the same combinations over fixed buffers: the Python-side checks cost more
+    than the whole kernel at batch 1, so a plan pays them once, when its buffers are allocated.
+    """
     weights = [float(w) for w in weights]
     weights2 = None if weights2 is None else [float(w) for w in weights2]
     operands = list(operands)
     impl = _check(out, x, operands, weights, out2, weights2, impl)
+    args = (out, x, operands, weights, bool(keep_x), out2, weights2, bool(keep_x2))
     if x.numel() == 0:
-        return
-    keep_x, keep_x2 = bool(keep_x), bool(keep_x2)
+        return _nothing
     if impl == "torch":
-        lincomb_torch(out, x, operands, weights, keep_x, out2, weights2, keep_x2)
-    elif impl == "cpp":
-        torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, weights, keep_x, out2, weights2, keep_x2)
-    else:
-        torch.ops.pndm_fast.lincomb_triton_(out, x, operands, weights, keep_x, out2, weights2, keep_x2)
+        return functools.partial(lincomb_torch, *args)
+    op = torch.ops.pndm_fast.lincomb_cpp_ if impl == "cpp" else torch.ops.pndm_fast.lincomb_triton_
+    return functools.partial(op, *args)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _check(out, x, operands, weights, out2, weights2, impl) -> str:

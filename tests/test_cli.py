@@ -122,3 +122,49 @@ def test_python_dash_m_is_the_same_program(small, tmp_path):
     assert "wrote 2 images" in done.stdout and sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png"]
     bad = subprocess.run(cmd[:-2] + ["--sample_step", "9"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_check_runner_passes_every_backend_here(small, capsys):
+    code = main(["--runner", "check", "--config", small["config"], "--model_path", small["ckpt"],
+                 "--sample_step", "5", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "PASS  torch (torch)" in out and "FAIL" not in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 5  # one row per step
+
+
+def test_check_runner_fails_a_backend_that_drifts(small, capsys, monkeypatch):
+    import pndm_fast.engine as engine
+
+    exact = engine.bind
+
+    def drifting(out, *args, **kwargs):  # every combination's output 1e-4 too large
+        combine = exact(out, *args, **kwargs)
+        return lambda: (combine(), out.mul_(1 + 1e-4))
+
+    monkeypatch.setattr(engine, "bind", drifting)
+    code = main(["--runner", "check", "--config", small["config"], "--model_path", small["ckpt"],
+                 "--sample_step", "5", "--device", "cpu"])
+    assert code == 1 and "FAIL  torch (torch)" in capsys.readouterr().out
+
+
+def test_train_then_sample_from_its_ema_checkpoint(tmp_path, capsys):
+    config = tmp_path / "tiny.yml"
+    config.write_text(TINY_DIGITS)
+    assert main(["--runner", "train", "--config", str(config), "--train_path", str(tmp_path / "run"),
+                 "--max_steps", "2", "--device", "cpu", "--no_progress"]) == 0
+    assert main(["--config", str(config), "--model_path", str(tmp_path / "run" / "ema.ckpt"), "--sample_step", "4",
+                 "--total_num", "2", "--image_path", str(tmp_path / "img"), "--device", "cpu", "--no_progress"]) == 0
+    assert sorted(os.listdir(tmp_path / "img")) == ["000000.png", "000001.png"]
+    assert main(["--runner", "train", "--config", str(config), "--device", "cpu"]) == 2
+    assert "--train_path" in capsys.readouterr().err
+
+
+TINY_DIGITS = """
+Schedule: {type: linear, beta_start: 0.0001, beta_end: 0.02, diffusion_step: 1000}
+Dataset: {dataset: digits, image_size: 8, channels: 1, batch_size: 8, random_flip: false}
+Model: {struc: DDIM, type: simple, image_size: 8, in_channels: 1, out_ch: 1, ch: 32, ch_mult: [1, 2],
+        num_res_blocks: 1, attn_resolutions: [], dropout: 0.0, resamp_with_conv: true}
+Train: {epoch: 1, loss_type: linear, ema_rate: 0.9, ema: true}
+Optim: {weight_decay: 0.0, optimizer: adam, lr: 0.001, beta1: 0.9, amsgrad: false, eps: 1.0e-8, grad_clip: 1.0}
+"""
