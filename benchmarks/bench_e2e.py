@@ -84,7 +84,7 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
                     def loop():
                         return sample(model, noise, schedule, METHOD, steps, backend=backend, compile=compile_)
 
-                    first_s = common.timed_first_call(loop, device)  # compile, capture, cuDNN autotuning
+                    first_s, _ = common.timed_first_call(loop, device)  # compile, capture, cuDNN autotuning
                     timing = common.measure(loop, device, reps, warmup=0)
                     if (dtype, compile_) not in forwards:  # variants calling the same network share its bound
                         net = compiled(model) if compile_ else model  # the very module the sampler called

@@ -149,13 +149,13 @@ def measure(fn: Callable, device: torch.device, reps: int, warmup: int = 1, batc
     return Timing((first, _median_per_call(fn, device, reps, inner)))
 
 
-def timed_first_call(fn: Callable, device: torch.device) -> float:
-    """Seconds of one call, synchronized: the first call, where compilation and graph capture happen."""
+def timed_first_call(fn: Callable, device: torch.device) -> tuple[float, object]:
+    """(seconds, result) of one call, synchronized: the first call, where compilation and graph capture happen."""
     synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -169,20 +169,19 @@ def cache_bytes(device: torch.device) -> int:
         return 32 << 20
 
 
-def rotating(make: Callable[[], tuple], set_bytes: int, device: torch.device) -> Callable[[], tuple]:
-    """Cycle through enough copies of make() (set_bytes each) to touch twice the last-level cache between two
-    uses of one copy: a sampler step reads its eps from memory, and a cache-resident input would flatter small
-    sizes (a 12 KB step would otherwise run from a 50 MB L2)."""
-    count = max(1, math.ceil(2 * cache_bytes(device) / set_bytes))
-    return itertools.cycle([make() for _ in range(count)]).__next__
+def rotation(make: Callable[[], tuple], set_bytes: int, device: torch.device) -> list[tuple]:
+    """Enough copies of make() (set_bytes each) that cycling through them touches twice the last-level cache
+    between two uses of one copy: a sampler step reads its eps from memory, and a cache-resident input would
+    flatter small sizes (a 12 KB step would otherwise run from a 50 MB L2)."""
+    return [make() for _ in range(max(1, math.ceil(2 * cache_bytes(device) / set_bytes)))]
 
 
 def copy_timing(shape: tuple, device: torch.device, reps: int) -> Timing:
     """y.copy_(x) of float32 tensors of `shape`: the bandwidth an elementwise pass can reach on this machine,
     measured like the kernels (rotated buffers, batched calls). Copy GB/s = 2 * bytes / time."""
     numel = math.prod(shape)
-    pairs = rotating(lambda: (torch.randn(shape, device=device), torch.empty(shape, device=device)), 8 * numel,
-                     device)
+    pairs = itertools.cycle(rotation(lambda: (torch.randn(shape, device=device), torch.empty(shape, device=device)),
+                                     8 * numel, device)).__next__
 
     def copy():
         x, y = pairs()
