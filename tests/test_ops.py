@@ -68,14 +68,19 @@ def test_matches_float64(impl, k, dtypes):
     for i, (keep_x, keep_x2, in_place) in enumerate(FLAGS):
         # every shape meets a flag set, the small ones several (the large one is slow when cores are shared)
         for shape in (SHAPES[i % len(SHAPES)], SHAPES[(i + 1) % (len(SHAPES) - 1)]):
-            x, operands, w, w2 = make_case(shape, k, OPERAND_DTYPES[dtypes], gen)
-            out, out2 = run(impl, x, operands, w, keep_x, keep_x2, w2, in_place)
-            twin, twin2 = run("torch", x, operands, w, keep_x, keep_x2, w2, False)
-            want, scale = truth(x, operands, w, keep_x)
-            assert_close_to_truth(out, twin, want, scale)
-            if keep_x2 is not None:
-                want2, scale2 = truth(x, operands, w2, keep_x2)
-                assert_close_to_truth(out2, twin2, want2, scale2)
+            check_case(impl, make_case(shape, k, OPERAND_DTYPES[dtypes], gen), keep_x, keep_x2, in_place)
+
+
+def check_case(impl, case, keep_x, keep_x2, in_place):
+    """`impl` on one case against float64 truth, with the plain-torch twin's error as the yardstick."""
+    x, operands, w, w2 = case
+    out, out2 = run(impl, x, operands, w, keep_x, keep_x2, w2, in_place)
+    twin, twin2 = run("torch", x, operands, w, keep_x, keep_x2, w2, False)
+    want, scale = truth(x, operands, w, keep_x)
+    assert_close_to_truth(out, twin, want, scale)
+    if keep_x2 is not None:
+        want2, scale2 = truth(x, operands, w2, keep_x2)
+        assert_close_to_truth(out2, twin2, want2, scale2)
 
 
 def test_cpp_required_in_this_checkout():

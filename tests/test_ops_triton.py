@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("triton")
 
 from pndm_fast import ops  # noqa: E402
-from test_ops import OPERAND_DTYPES, assert_close_to_truth, make_case, run, truth  # noqa: E402
+from test_ops import OPERAND_DTYPES, check_case, make_case  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.triton_available(), reason="pndm_fast.kernels.lincomb did not import")
 
@@ -32,14 +32,7 @@ CASES = [(k, d, SHAPES[i % len(SHAPES)], *FLAGS[i % len(FLAGS)])
 @pytest.mark.parametrize("k, dtypes, shape, keep_x, keep_x2, in_place", CASES, ids=str)
 def test_matches_float64(k, dtypes, shape, keep_x, keep_x2, in_place):
     gen = torch.Generator().manual_seed(17 * k + len(shape))
-    x, operands, w, w2 = make_case(shape, k, OPERAND_DTYPES[dtypes], gen)
-    out, out2 = run("triton", x, operands, w, keep_x, keep_x2, w2, in_place)
-    twin, twin2 = run("torch", x, operands, w, keep_x, keep_x2, w2, False)
-    want, scale = truth(x, operands, w, keep_x)
-    assert_close_to_truth(out, twin, want, scale)
-    if keep_x2 is not None:
-        want2, scale2 = truth(x, operands, w2, keep_x2)
-        assert_close_to_truth(out2, twin2, want2, scale2)
+    check_case("triton", make_case(shape, k, OPERAND_DTYPES[dtypes], gen), keep_x, keep_x2, in_place)
 
 
 def test_available_on_cpu_with_interpreter():
