@@ -28,7 +28,7 @@ VARIANTS = {
     "graph+compile": ("graph", True, "fp32"),
     "bf16": ("fused", False, "bf16"),
 }
-REPS = {"full": 5, "quick": 1, "smoke": 1}  # sampling runs per median
+REPS = {"full": 5, "quick": 2, "smoke": 1}  # sampling runs per median
 
 
 def configurations(device: torch.device, mode: str) -> tuple[list[tuple], list[str]]:

@@ -20,7 +20,7 @@ from pndm_fast import Schedule, build_plan, load_config, sample
 NAME = "sampler"
 IMAGE = (3, 32, 32)
 BATCHES = {"full": [1, 64, 256], "quick": [1, 64, 256], "smoke": [1]}
-REPS = {"full": 10, "quick": 1, "smoke": 1}
+REPS = {"full": 10, "quick": 3, "smoke": 1}
 STEPS = {"full": 50, "quick": 50, "smoke": 5}
 METHOD = "F-PNDM"
 
