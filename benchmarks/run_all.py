@@ -1,5 +1,5 @@
 """Run the three benchmarks and regenerate RESULTS.md: headlines, the machine, the versions, every table and the
-exact commands. Sections headed `## GPU` (results recorded by hand on a lent GPU machine) are kept as they are.
+exact commands. Sections headed `## GPU` (results recorded by hand on a GPU machine) are kept as they are.
 
     python benchmarks/run_all.py [--quick | --smoke] [--out DIR] [--device cpu|cuda]
 

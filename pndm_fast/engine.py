@@ -43,6 +43,11 @@ class PlanRunner:
         self.program = [[functools.partial(self._call_model, e) if isinstance(e, ModelCall) else self._bind(e)
                          for e in step] for step in plan.steps]
 
+    def run(self, noise: torch.Tensor) -> None:
+        """Sample from `noise`; the result is left in `x` (and `trajectory`, when kept)."""
+        self.x.copy_(noise)
+        self.walk()
+
     def walk(self) -> None:
         """Run the whole plan from the noise already in `x`."""
         if self.trajectory is not None:
@@ -78,7 +83,7 @@ class GraphRunner:
     """
 
     def __init__(self, runner: PlanRunner):
-        self.runner = runner
+        self.x, self.trajectory = runner.x, runner.trajectory
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -89,6 +94,7 @@ class GraphRunner:
         with torch.cuda.graph(self.graph):
             runner.walk()
 
-    def replay(self, noise: torch.Tensor) -> None:
-        self.runner.x.copy_(noise)
+    def run(self, noise: torch.Tensor) -> None:
+        """Sample from `noise` by replaying the graph; the result is left in `x` (and `trajectory`)."""
+        self.x.copy_(noise)
         self.graph.replay()

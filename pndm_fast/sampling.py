@@ -59,6 +59,9 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
         if regions is None:
             _COMPILED[model] = torch.compile(model, **options)
         else:
+            # One block class meets many shapes (channels and resolution per level, the batch size), each a
+            # compiled variant; past dynamo's recompile limit (8) the rest would silently run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             for block in model.modules():
                 if isinstance(block, regions):
                     block.compile(**options)
@@ -75,8 +78,8 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, schedule: Schedule, meth
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
     in float32 (float64 when the noise is float64). `compile=True` compiles the model's blocks in place, once
-    (see `compiled`). `impl` picks the fused op's implementation for the fused
-    backend ("auto", "triton", "cpp" or "torch").
+    (see `compiled`). `impl` picks the fused op's implementation ("auto", "triton", "cpp" or "torch").
+    Runs without autograd: sampling never needs gradients, and a captured graph must not record them.
     """
     if method not in PLAN_BUILDERS:
         raise UserError(f"unknown method {method!r}: expected one of {', '.join(PLAN_BUILDERS)}")
@@ -84,19 +87,15 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, schedule: Schedule, meth
         raise UserError(f"noise must be (batch, channels, height, width), got shape {tuple(noise.shape)}")
     backend = resolve_backend(backend, noise.device)
     net = compiled(model) if compile else model
-    if backend == "reference":
-        return reference.sample_reference(reference_eps_model(net, noise.shape[1]), noise, schedule, method,
-                                          sample_step, return_trajectory)
-    runner = plan_runner(model, net, noise, schedule, method, sample_step, backend, return_trajectory,
-                         nvtx_enabled(nvtx), channels_last, impl)
-    if isinstance(runner, GraphRunner):
-        runner.replay(noise)
-        runner = runner.runner
-    else:
-        runner.x.copy_(noise)
-        runner.walk()
-    out = runner.trajectory if return_trajectory else runner.x
-    return out.to(noise.dtype, copy=True)
+    with torch.no_grad():
+        if backend == "reference":
+            return reference.sample_reference(reference_eps_model(net, noise.shape[1]), noise, schedule, method,
+                                              sample_step, return_trajectory)
+        runner = plan_runner(model, net, noise, schedule, method, sample_step, backend, return_trajectory,
+                             nvtx_enabled(nvtx), channels_last, impl)
+        runner.run(noise)
+        out = runner.trajectory if return_trajectory else runner.x
+        return out.to(noise.dtype, copy=True)
 
 
 def reference_eps_model(model: torch.nn.Module, channels: int):
