@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import relative_l2
 
 from pndm_fast import Schedule
 from pndm_fast.models import build_model
@@ -18,10 +19,6 @@ SMALL_DDIM = {"Model": {"struc": "DDIM", "ch": 32, "out_ch": 3, "ch_mult": [1, 2
 def model():
     torch.manual_seed(0)
     return build_model(SMALL_DDIM).cuda().eval().requires_grad_(False)
-
-
-def relative_l2(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @cuda
