@@ -16,6 +16,7 @@ from ..images import image_grid, to_uint8, write_png_atomic
 from ..models import build_model, load_checkpoint
 from ..sampling import sample
 from ..schedule import Schedule
+from ..seeds import derived_seed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,8 +48,7 @@ def noise_for(indices: range, shape: tuple[int, int, int], seed: int) -> torch.T
     never on the batch it falls in, so any batch size (or split across processes) writes the same images."""
     out = torch.empty((len(indices), *shape))
     for row, index in enumerate(indices):
-        seed_words = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)
-        gen = torch.Generator().manual_seed(int(seed_words[0] >> np.uint64(1)))
+        gen = torch.Generator().manual_seed(derived_seed(seed, index))
         out[row] = torch.randn(shape, generator=gen)
     return out
 

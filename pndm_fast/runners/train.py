@@ -12,7 +12,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -21,16 +20,12 @@ from ..data import TensorImages, load_dataset
 from ..errors import UserError
 from ..models import build_model, save_state_dict
 from ..schedule import Schedule
+from ..seeds import derived_seed
 
 STATE_FILE = "train_state.pt"
 EMA_FILE = "ema.ckpt"
 SAVE_EVERY = 5000  # the reference's checkpoint interval
 STREAM_INIT, STREAM_ORDER, STREAM_DRAWS, STREAM_DROPOUT = range(4)  # independent random streams
-
-
-def stream_seed(seed: int, stream: int, index: int) -> int:
-    """A 63-bit seed that depends on (seed, stream, index) only, well mixed by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def make_optimizer(params, section: dict) -> torch.optim.Optimizer:
@@ -131,7 +126,7 @@ def resume(state_path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
 def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int,
                  first_batch: int) -> torch.utils.data.DataLoader:
     """Batches of epoch `epoch` from batch `first_batch` on, in an order that depends on (seed, epoch) only."""
-    gen = torch.Generator().manual_seed(stream_seed(seed, STREAM_ORDER, epoch))
+    gen = torch.Generator().manual_seed(derived_seed(seed, STREAM_ORDER, epoch))
     order = torch.randperm(len(dataset), generator=gen)[first_batch * batch_size:]
     # in-memory tensors need no worker processes; image files are decoded in up to Dataset.num_workers of them
     workers = 0 if isinstance(dataset, TensorImages) else min(num_workers, os.cpu_count() or 1)
@@ -184,7 +179,7 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
 
     # the seeds for the initial weights and each step's dropout must not leak into the caller's global RNG
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(stream_seed(seed, STREAM_INIT, 0))
+        torch.manual_seed(derived_seed(seed, STREAM_INIT, 0))
         model = build_model(config).to(device)
         optimizer = make_optimizer(model.parameters(), config["Optim"])
         ema, step = {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
@@ -206,8 +201,8 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
         while step < limit:
             epoch, first_batch = divmod(step, per_epoch)
             for x in epoch_loader(dataset, batch_size, num_workers, seed, epoch, first_batch):
-                gen = torch.Generator(device).manual_seed(stream_seed(seed, STREAM_DRAWS, step))
-                torch.manual_seed(stream_seed(seed, STREAM_DROPOUT, step))
+                gen = torch.Generator(device).manual_seed(derived_seed(seed, STREAM_DRAWS, step))
+                torch.manual_seed(derived_seed(seed, STREAM_DROPOUT, step))
                 loss = train_step(model, optimizer, x.to(device), ac, gen, **options)
                 ema_update(ema, model, ema_rate)
                 step += 1
