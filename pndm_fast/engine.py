@@ -83,6 +83,9 @@ class GraphRunner:
     """
 
     def __init__(self, runner: PlanRunner):
+        # Holding the runner holds every buffer the graph reads or writes: freed, the allocator would hand
+        # their memory to other tensors while the graph still writes there on each replay.
+        self.runner = runner
         self.x, self.trajectory = runner.x, runner.trajectory
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
