@@ -105,7 +105,7 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
         nbytes = 4 * math.prod(shape)
         mb = nbytes / 2**20
         sets = common.rotation(
-            lambda: tuple(torch.randn(shape, device=device) for _ in range(5)) + (torch.empty(shape, device=device),),
+            lambda: tuple(torch.randn(shape, device=device) for _ in range(5)) + (torch.zeros(shape, device=device),),
             6 * nbytes, device)
         copy = common.copy_timing(shape, device, reps)
         floor = 3 * copy.seconds  # 6 tensors at the bandwidth of a copy, which moves 2

@@ -180,7 +180,8 @@ def copy_timing(shape: tuple, device: torch.device, reps: int) -> Timing:
     """y.copy_(x) of float32 tensors of `shape`: the bandwidth an elementwise pass can reach on this machine,
     measured like the kernels (rotated buffers, batched calls). Copy GB/s = 2 * bytes / time."""
     numel = math.prod(shape)
-    pairs = itertools.cycle(rotation(lambda: (torch.randn(shape, device=device), torch.empty(shape, device=device)),
+    # zeros, not empty: an untouched output's first write page-faults, and on a CPU that halves the copy rate
+    pairs = itertools.cycle(rotation(lambda: (torch.randn(shape, device=device), torch.zeros(shape, device=device)),
                                      8 * numel, device)).__next__
 
     def copy():
