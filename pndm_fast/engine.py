@@ -23,7 +23,7 @@ class PlanRunner:
     def __init__(self, plan: Plan, model: Callable, shape: torch.Size, device: torch.device,
                  model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, impl: str = "auto",
                  nvtx: bool = False, channels_last: bool = False, trajectory: bool = False):
-        self.plan, self.model, self.impl, self.nvtx = plan, model, impl, nvtx
+        self.model, self.impl, self.nvtx = model, impl, nvtx
         self.eps_channels = shape[1]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
