@@ -25,6 +25,6 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "pillow", "tqdm", "safetensors", "nvtx"],
-    extras_require={"triton": ["triton"], "test": ["pytest"], "train": ["scikit-learn"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "train": ["scikit-learn"]},
     entry_points={"console_scripts": ["pndm-fast = pndm_fast.cli:main"]},
 )

@@ -5,8 +5,8 @@ from .errors import UserError
 from .models import build_model, load_checkpoint
 from .ops import lincomb
 from .plans import build_plan
-from .sampling import sample
+from .sampling import sample, set_cache_limit
 from .schedule import Schedule
 
 __all__ = ["load_config", "build_model", "load_checkpoint", "Schedule", "sample", "build_plan", "lincomb",
-           "UserError"]
+           "UserError", "set_cache_limit"]

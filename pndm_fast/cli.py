@@ -1,4 +1,5 @@
-"""The paper's command line: pndm-fast --runner sample|train|check --config ... (python -m pndm_fast is the same)."""
+"""The paper's command line: pndm-fast --runner sample|train|check|convert|fid --config ... (python -m pndm_fast is
+the same)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from .plans import PLAN_BUILDERS
 from .sampling import BACKENDS
 
 MODELS = ("DDIM", "iDDPM")
+RUNNERS = ("sample", "train", "check", "convert", "fid")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -22,8 +24,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="pndm-fast", description="PNDM sampling (Liu et al., ICLR 2022), fast and exact.")
-    p.add_argument("--runner", default="sample", choices=("sample", "train", "check"))
-    p.add_argument("--config", default="digits", help="a bundled config name (e.g. ddim-cifar10) or a YAML path")
+    p.add_argument("--runner", default="sample", choices=RUNNERS)
+    p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
+                   "with --runner convert, the checkpoint is checked against it only when given)")
     p.add_argument("--model", choices=MODELS, help="the architecture; must agree with the config's Model.struc")
     p.add_argument("--method", default="F-PNDM", choices=tuple(PLAN_BUILDERS))
     p.add_argument("--sample_step", type=int, default=50, help="number of sampling steps (the paper's sample_speed)")
@@ -43,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="resume training from --train_path's checkpoint")
     p.add_argument("--data_path", help="training data folder (default: the config's Dataset.path)")
     p.add_argument("--max_steps", type=int, help="stop training after this many steps in all")
+    p.add_argument("--out_path", help="with --runner convert: the converted checkpoint (.safetensors or .ckpt)")
+    p.add_argument("--fid_stats", help="with --runner fid: the reference statistics (mu, sigma) as .npz")
+    p.add_argument("--make_stats", action="store_true",
+                   help="with --runner fid: write --fid_stats from the images in --image_path instead of scoring")
     return p
 
 
@@ -61,10 +68,76 @@ def check_model_flag(args, config: dict) -> None:
                         f"drop --model or pass --model {struc}")
 
 
+def validate_args(args) -> None:
+    """Refuse flag values that argparse's types let through but no runner can use, before any config, model or
+    data is loaded: one line each, naming the flag (the runners would otherwise fail deep inside torch or os)."""
+    import os
+
+    import torch
+
+    from .config import MAX_TOTAL_NUM
+
+    def check_folder(flag: str, path: str) -> None:
+        """`path` is, or can be made, a folder to write into: refused when it or an ancestor is a file."""
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a file: expected a folder (existing or to be created); choose "
+                            "another path")
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UserError(f"{flag} {path} cannot be created because {existing} is a file; choose another path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path} is not writable (no permission in {existing}); choose another path")
+
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, str) and "\0" in value:
+            raise UserError(f"--{name} holds a NUL character, which no path or name can contain; check the command")
+    for name in ("total_num", "batch_size", "max_steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if args.total_num is not None and args.total_num > MAX_TOTAL_NUM:
+        raise UserError(f"--total_num must be at most {MAX_TOTAL_NUM} (images are named 000000.png to 999999.png), "
+                        f"got {args.total_num}; split larger runs with --seed")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more (image i's noise is seeded by (seed, i)), got {args.seed}")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise UserError(f"unknown device {args.device!r}: expected cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {args.device!r} is not supported: expected cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA devices, "
+                            f"numbered from 0; pick one of them")
+    if args.runner == "sample":
+        check_folder("--image_path", args.image_path)
+        if args.grid:
+            if os.path.isdir(args.grid):
+                raise UserError(f"--grid {args.grid} is a folder: expected a PNG file name, e.g. grid.png")
+            check_folder("--grid's folder", os.path.dirname(os.path.abspath(args.grid)))
+    if args.runner == "train" and args.train_path:
+        check_folder("--train_path", args.train_path)
+
+
 def run(args) -> int:
-    config = load_config(args.config)
-    check_model_flag(args, config)
+    validate_args(args)
     device = default_device(args.device)
+    if args.runner == "convert":
+        from .runners.convert import run_convert
+
+        return run_convert(args.model_path, args.out_path, load_config(args.config) if args.config else None)
+    if args.runner == "fid":
+        from .runners.fid import run_fid
+
+        return run_fid(args.image_path, args.fid_stats, make_stats=args.make_stats, device=device,
+                       batch_size=args.batch_size or 50)
+    config = load_config(args.config or "digits")
+    check_model_flag(args, config)
     if args.runner == "train":
         from .runners.train import train
 

@@ -7,7 +7,6 @@ the host: no .item(), no .cpu(), no branch on data.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -40,8 +39,10 @@ class PlanRunner:
                            if trajectory else None)
         # The plan as calls with their arguments bound: each combination is checked once, here, and launched
         # inside the loop with no Python-side checks.
-        self.program = [[functools.partial(self._call_model, e) if isinstance(e, ModelCall) else self._bind(e)
-                         for e in step] for step in plan.steps]
+        # Closures over the buffers, never over self: a runner must be freed as soon as its cache drops it, and a
+        # bound method in its own program would make a cycle that only the garbage collector breaks, later.
+        self.program = [[self._model_call(e) if isinstance(e, ModelCall) else self._bind(e) for e in step]
+                        for step in plan.steps]
 
     def run(self, noise: torch.Tensor) -> None:
         """Sample from `noise`; the result is left in `x` (and `trajectory`, when kept)."""
@@ -59,14 +60,19 @@ class PlanRunner:
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
 
-    def _call_model(self, call: ModelCall) -> None:
-        src = self.buffers[call.src]
-        if self.model_input is not None:
-            src = self.model_input.copy_(src)
-        with nvtx_range(f"model t={call.t:g}", self.nvtx):
-            eps = self.model(src, self.times[call.t])
-        # A learned-sigma model returns 2C channels; the sampler uses the first C (the eps).
-        self.buffers[call.dst].copy_(eps[:, : self.eps_channels])
+    def _model_call(self, call: ModelCall) -> Callable[[], None]:
+        model, model_input, nvtx, channels = self.model, self.model_input, self.nvtx, self.eps_channels
+        src, dst, t = self.buffers[call.src], self.buffers[call.dst], self.times[call.t]
+        label = f"model t={call.t:g}"
+
+        def run() -> None:
+            x = src if model_input is None else model_input.copy_(src)
+            with nvtx_range(label, nvtx):
+                eps = model(x, t)
+            # A learned-sigma model returns 2C channels; the sampler uses the first C (the eps).
+            dst.copy_(eps[:, :channels])
+
+        return run
 
     def _bind(self, c: Combine):
         b = self.buffers

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
+import struct
+import zlib
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from .atomic import atomic_path
 
@@ -23,10 +26,67 @@ def _pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels[..., 0], "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, "RGB")
 
 
-def write_png_atomic(pixels: np.ndarray, path: str) -> None:
-    """Write a PNG so that a reader never sees a partial file under `path` (see atomic_path)."""
-    with atomic_path(path) as tmp:
-        _pil(pixels).save(tmp, format="PNG")
+def write_png_atomic(pixels: np.ndarray, path: str, *, text: dict[str, str] | None = None,
+                     fsync: bool = True) -> None:
+    """Write a PNG so that a reader never sees a partial file under `path` (see atomic_path), with `text` as
+    tEXt chunks (key -> value)."""
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    with atomic_path(path, fsync=fsync) as tmp:
+        _pil(pixels).save(tmp, format="PNG", pnginfo=info)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_chunks_intact(data: bytes) -> bool:
+    """Whether `data` is a whole PNG: the signature, then chunks whose CRCs all match, ending with IEND.
+
+    Pillow checks the CRCs of header chunks only, and a flipped bit in the pixel data (IDAT) can still
+    inflate, so a damaged file could otherwise decode into wrong pixels without an error.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        return False
+    pos = len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return False
+        (crc,) = struct.unpack(">I", data[end: end + 4])
+        if zlib.crc32(data[pos + 4: end]) != crc:
+            return False
+        if kind == b"IEND":
+            return end + 4 == len(data)
+        pos = end + 4
+    return False
+
+
+def read_png(path: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, str]] | None:
+    """The (H, W, C) uint8 pixels and the tEXt chunks of the PNG at `path`, or None when it is absent, cut
+    short, damaged, or not a `shape` = (C, H, W) image in this module's modes (L for C = 1, RGB for C = 3)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return None
+    if not png_chunks_intact(data):
+        return None
+    channels, height, width = shape
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format != "PNG" or image.size != (width, height) or image.mode != ("L" if channels == 1
+                                                                                         else "RGB"):
+                return None
+            pixels = np.asarray(image)
+            text = dict(getattr(image, "text", {}))
+    except Exception:  # noqa: BLE001 - whatever Pillow raises on a bad file, the file is not a usable image
+        return None
+    return (pixels[..., None] if pixels.ndim == 2 else pixels), text
 
 
 def image_grid(pixels: np.ndarray, padding: int = 2) -> np.ndarray:

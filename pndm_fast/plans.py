@@ -11,6 +11,7 @@ Adding a method means writing a builder and registering it in PLAN_BUILDERS; no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -24,6 +25,7 @@ EPS = "eps"
 # Adams-Bashforth coefficients of the 4th- and 2nd-order multistep updates (the paper's eq. 12 and S-PNDM).
 AB4 = (55 / 24, -59 / 24, 37 / 24, -9 / 24)
 AB2 = (3 / 2, -1 / 2)
+AB3 = (23 / 12, -16 / 12, 5 / 12)
 RK4 = (1 / 6, 2 / 6, 2 / 6, 1 / 6)
 
 
@@ -189,8 +191,62 @@ def fon_plan(schedule: Schedule, times: TimeSteps) -> Plan:
     return Plan("FON", tuple(steps), buffers, times.seq)
 
 
+def ipndm_plan(schedule: Schedule, times: TimeSteps) -> Plan:
+    """iPNDM (Zhang and Chen, DEIS, ICLR 2023): the transfer step with an Adams-Bashforth eps whose order ramps
+    1 -> 2 -> 3 -> 4 as the history fills, instead of F-PNDM's Runge-Kutta start: one model call per step."""
+    ring, steps = Ring("h", 4), []
+    for t, t_next in times.pairs:
+        new = ring.push()
+        coefficients = ((1.0,), AB2, AB3, AB4)[len(ring) - 1]
+        history = [ring[-back] for back in range(1, len(ring) + 1)]
+        steps.append((ModelCall("x", t, new), _transfer(schedule, "x", t, t_next, list(zip(coefficients, history)))))
+    return Plan("iPNDM", tuple(steps), (("x", STATE),) + tuple((name, EPS) for name in ring.names), times.seq)
+
+
+def dpm_solver_pp_2m_plan(schedule: Schedule, times: TimeSteps) -> Plan:
+    """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2): multistep, second order in lambda = log(alpha / sigma),
+    on the data prediction x0 = (x - sigma e) / alpha; its first step is first order, which is DDIM's step.
+
+    The noise levels are the ones the transfer step reads (schedule.ac, index int(t) + 1), so that every method
+    here solves the same discretised problem. With D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_prev / h:
+    x_next = (sigma_next / sigma) x + alpha_next (1 - e^-h) D; x0 is itself a combination of x and e, so the step
+    is one combination over (x, e, x0_prev) whose second output stores this step's x0 for the next one.
+    """
+    ring, steps, h_prev = Ring("x0_", 2), [], None
+    for t, t_next in times.pairs:
+        (alpha, sigma, lam), (alpha_next, sigma_next, lam_next) = _levels(schedule, t), _levels(schedule, t_next)
+        h = lam_next - lam
+        step = -alpha_next * math.expm1(-h)  # alpha_next (1 - e^-h), without cancellation for small h
+        previous = ring[-1] if len(ring) else None
+        new = ring.push()
+        if previous is None:
+            c_new, c_prev = step, 0.0
+        else:
+            r = h_prev / h
+            c_new, c_prev = step * (1 + 1 / (2 * r)), -step / (2 * r)
+        # (sigma_next / sigma) x + c_new (x - sigma e) / alpha, as x + w_x x + w_e e: w_x stays small near 1.
+        weights = ((sigma_next - sigma) / sigma + c_new / alpha, -c_new * sigma / alpha)
+        x0_weights = (1 / alpha, -sigma / alpha)
+        operands = ("e",)
+        if previous is not None:
+            weights, x0_weights, operands = weights + (c_prev,), x0_weights + (0.0,), ("e", previous)
+        steps.append((ModelCall("x", t, "e"),
+                      Combine("x", weights, operands, out2=new, weights2=x0_weights)))
+        h_prev = h
+    buffers = (("x", STATE), ("e", EPS)) + tuple((name, STATE) for name in ring.names)
+    return Plan("DPM-Solver++2M", tuple(steps), buffers, times.seq)
+
+
+def _levels(schedule: Schedule, t: float) -> tuple[float, float, float]:
+    """(alpha, sigma, lambda) of the state at time t: alpha^2 = ac, sigma^2 = 1 - ac, lambda = log(alpha/sigma)."""
+    ac = schedule.ac(t)
+    alpha, sigma = math.sqrt(ac), math.sqrt(1 - ac)
+    return alpha, sigma, math.log(alpha / sigma)
+
+
 PLAN_BUILDERS: dict[str, Callable[[Schedule, TimeSteps], Plan]] = {
-    "DDIM": ddim_plan, "S-PNDM": s_pndm_plan, "F-PNDM": f_pndm_plan, "FON": fon_plan}
+    "DDIM": ddim_plan, "S-PNDM": s_pndm_plan, "F-PNDM": f_pndm_plan, "FON": fon_plan,
+    "iPNDM": ipndm_plan, "DPM-Solver++2M": dpm_solver_pp_2m_plan}
 
 
 def build_plan(schedule: Schedule, method: str, sample_step: int) -> Plan:

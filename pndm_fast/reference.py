@@ -1,4 +1,5 @@
-"""The paper's transfer step and its four methods, op by op in plain PyTorch (SPEC sections 2 to 4).
+"""The paper's transfer step and its four methods, op by op in plain PyTorch (SPEC sections 2 to 4), and two
+newer solvers from their own papers' formulas.
 
 Slow on purpose and easy to read: this is the yardstick every fast path is measured against. It computes in
 the noise's dtype exactly as the reference implementation does, alpha table included (float32 values, cast),
@@ -12,8 +13,6 @@ from typing import Callable
 import torch
 
 from .schedule import Schedule
-
-METHODS = ("DDIM", "S-PNDM", "F-PNDM", "FON")
 
 EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
 """eps = m(x, t): the UNet's noise prediction at a scalar (possibly fractional) time t."""
@@ -91,7 +90,51 @@ def fon_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
     return x + d * h
 
 
-STEPS = {"DDIM": ddim_step, "S-PNDM": s_pndm_step, "F-PNDM": f_pndm_step, "FON": fon_step}
+# Two newer solvers, written from their papers' formulas (not from the plans' coefficient algebra), so that the
+# plans have an independent yardstick too.
+
+
+def ipndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    """iPNDM: Adams-Bashforth on the eps, its order ramping 1 -> 4 with the history; one model call per step."""
+    history.append(m(x, t))
+    h = history
+    if len(h) == 1:
+        e = h[-1]
+    elif len(h) == 2:
+        e = (3 * h[-1] - h[-2]) / 2
+    elif len(h) == 3:
+        e = (23 * h[-1] - 16 * h[-2] + 5 * h[-3]) / 12
+    else:
+        e = (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
+    return transfer(x, t, t_next, e, ac)
+
+
+def dpm_solver_pp_2m_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2) on the data prediction; history holds (x0, lambda).
+
+    The noise levels are those the transfer step reads: ac at int(t) + 1.
+    """
+    def level(time):
+        a = ac[int(time) + 1]
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        return alpha, sigma, torch.log(alpha / sigma)
+
+    (alpha, sigma, lam), (alpha_next, sigma_next, lam_next) = level(t), level(t_next)
+    h = lam_next - lam
+    x0 = (x - sigma * m(x, t)) / alpha
+    if history:
+        x0_prev, lam_prev = history[-1]
+        r = (lam - lam_prev) / h
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+    else:
+        d = x0
+    history.append((x0, lam))
+    return (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d
+
+
+STEPS = {"DDIM": ddim_step, "S-PNDM": s_pndm_step, "F-PNDM": f_pndm_step, "FON": fon_step,
+         "iPNDM": ipndm_step, "DPM-Solver++2M": dpm_solver_pp_2m_step}
+METHODS = tuple(STEPS)
 
 
 def sample_reference(m: EpsModel, noise: torch.Tensor, schedule: Schedule, method: str, sample_step: int,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import validate_schedule
 from .errors import UserError
 
 
@@ -55,9 +56,21 @@ class Schedule:
 
     @classmethod
     def from_config(cls, section: dict) -> "Schedule":
+        """The schedule of a config's Schedule section; bad values are refused with one line naming the key."""
+        validate_schedule(section)
         kind = section.get("type", "linear")
-        return cls(make_betas(kind, int(section.get("diffusion_step", 1000)),
-                              section.get("beta_start", 1e-4), section.get("beta_end", 2e-2)))
+        schedule = cls(make_betas(kind, int(section.get("diffusion_step", 1000)),
+                                  section.get("beta_start", 1e-4), section.get("beta_end", 2e-2)))
+        # The transfer coefficients (eq. 9) divide by sqrt(ac) and by sqrt(1 - ac): a table that reaches 0 in
+        # float32 (large betas over many steps, e.g. beta 0.5 underflows after ~150) or never leaves 1 (betas below
+        # float32's 6e-8) would divide by zero when a plan is built.
+        last, second = float(schedule.alphas_cumprod[-1]), float(schedule.alphas_cumprod[1])
+        if not (last > 0.0 and second < 1.0):
+            raise UserError(f"Schedule ({kind}, beta_start {section.get('beta_start', 1e-4)!r}, beta_end "
+                            f"{section.get('beta_end', 2e-2)!r}, diffusion_step {schedule.num_steps}) gives an "
+                            f"alpha_cumprod table from {second:g} to {last:g} in float32: expected it strictly "
+                            "between 0 and 1; lower beta_end or diffusion_step, or raise beta_start")
+        return schedule
 
     def ac(self, t: float) -> float:
         """The alpha the sampler reads for time t: ac[int(t) + 1], int() truncating toward zero (SPEC section 3)."""
@@ -66,7 +79,7 @@ class Schedule:
     def time_steps(self, sample_step: int) -> TimeSteps:
         """The sequence for `sample_step`, refused when it is impossible or would read past the alpha table."""
         n = self.num_steps
-        if not isinstance(sample_step, int) or sample_step < 1 or sample_step > n:
+        if not isinstance(sample_step, int) or isinstance(sample_step, bool) or sample_step < 1 or sample_step > n:
             raise UserError(f"sample_step must be an integer from 1 to {n} (the schedule's diffusion_step), "
                             f"got {sample_step!r}")
         skip = n // sample_step

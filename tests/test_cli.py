@@ -108,10 +108,20 @@ def test_bad_input_is_one_line_and_exit_code_2(small, tmp_path, capsys, extra, m
 
 
 def test_a_failing_run_leaves_images_already_written_intact(small, tmp_path):
-    assert run_cli(small, "--total_num", "2", out=tmp_path) == 0
-    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
-    assert run_cli(small, "--model_path", str(small["folder"] / "nan.ckpt"), out=tmp_path) == 2
-    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    """A resumed run whose model now gives NaN (the checkpoint file replaced by one of the same size, so the
+    folder's recorded settings still match) fails on the missing batch and leaves the images there untouched."""
+    ckpt, out = tmp_path / "model.ckpt", tmp_path / "out"
+    good = torch.load(small["ckpt"], weights_only=True)
+    save_state_dict(good, str(ckpt))
+    assert run_cli(small, "--model_path", str(ckpt), "--total_num", "4", out=out) == 0
+    (out / "000003.png").unlink()  # as a run killed before its last batch leaves the folder
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    size = ckpt.stat().st_size
+    save_state_dict({k: v.clone().fill_(float("nan")) if k == "conv_out.bias" else v for k, v in good.items()},
+                    str(ckpt))
+    assert ckpt.stat().st_size == size
+    assert run_cli(small, "--model_path", str(ckpt), "--total_num", "4", out=out) == 2
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
 
 
 def test_python_dash_m_is_the_same_program(small, tmp_path):

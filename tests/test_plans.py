@@ -61,7 +61,7 @@ def test_model_calls_of_a_plan_follow_the_papers_counts(method, steps):
     plan = build_plan(LINEAR, method, steps)
     n = len(LINEAR.time_steps(steps))
     expected = {"DDIM": n, "S-PNDM": n + 1, "F-PNDM": 4 * min(3, n) + max(0, n - 3),
-                "FON": 4 * min(3, n) + max(0, n - 3)}[method]
+                "FON": 4 * min(3, n) + max(0, n - 3), "iPNDM": n, "DPM-Solver++2M": n}[method]
     assert plan.model_calls == expected == sum(isinstance(e, ModelCall) for s in plan.steps for e in s)
     assert len(plan.steps) == n and f"{plan.model_calls} model calls" in str(plan)
 
@@ -95,20 +95,24 @@ def test_fused_loop_never_reads_a_value_back_to_the_host(method, impl, monkeypat
 
         for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
             monkeypatch.setattr(torch.Tensor, name, refuse)
-        fused = sample(model, noise, LINEAR, method, 10, "fused", impl=impl)
+        fused = sample(model, noise, LINEAR, method, 10, "fused", impl=impl, check_finite=False)
         monkeypatch.undo()
     assert relative_l2(fused, expected) < 1e-5
 
 
 @pytest.mark.parametrize("method", list(PLAN_BUILDERS))
 def test_channels_last_buffers_give_the_same_samples(method):
+    """NHWC buffers change only the convolutions' rounding: within twice the float32 reference's distance to
+    float64, plus 2e-6 (NHWC convolutions on the CPU sum in another order; measured 1e-6 to 1.7e-6 more over a
+    5-step run of this model, for every method)."""
     model, meta = golden_model("ddim_small_linear")
-    noise = torch.randn(2, 3, 16, 16)
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     schedule = Schedule.from_config(meta["Schedule"])
     with torch.no_grad():
-        plain = sample(model, noise, schedule, method, 5, "fused")
+        exact = sample(copy.deepcopy(model).double(), noise.double(), schedule, method, 5, "reference")
+        baseline = sample(model, noise, schedule, method, 5, "reference")
         nhwc = sample(model, noise, schedule, method, 5, "fused", channels_last=True)
-    assert relative_l2(nhwc, plain) < 1e-5
+    assert relative_l2(nhwc, exact) <= 2 * relative_l2(baseline, exact) + 2e-6
 
 
 @pytest.mark.parametrize("method", list(PLAN_BUILDERS))
@@ -124,3 +128,18 @@ def test_bfloat16_model_with_float32_sampler_state(method):
         fused = sample(low_model, noise, schedule, method, 10, "fused")
     assert fused.dtype == torch.float32
     assert relative_l2(fused, exact) <= 2 * relative_l2(baseline, exact) + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_float64_model_with_float32_noise_samples_in_float64(backend):
+    """The fused op computes in float32 at most: a float64 model must not hand it float64 eps, but get float64
+    state and plain-torch combinations, and return the noise's dtype."""
+    model, meta = golden_model("ddim_small_linear")
+    model64 = copy.deepcopy(model).double()
+    noise = torch.randn(2, 3, 16, 16)
+    schedule = Schedule.from_config(meta["Schedule"])
+    with torch.no_grad():
+        exact = sample(model64, noise.double(), schedule, "F-PNDM", 5, "reference")
+        ours = sample(model64, noise, schedule, "F-PNDM", 5, backend)
+    assert ours.dtype == torch.float32
+    assert relative_l2(ours, exact) < 1e-7  # float32 rounding of the result only

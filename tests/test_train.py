@@ -86,6 +86,27 @@ def test_restart_is_bitwise_exact(run_a, tmp_path):
     assert_bitwise_equal(ema_a, state_a["ema"], "ema.ckpt vs train_state")
 
 
+def test_a_crash_between_the_two_checkpoint_files_leaves_a_resumable_folder(run_a, tmp_path, monkeypatch):
+    """The first save dies after train_state.pt and before ema.ckpt (as a kill -9 there would): --restart must
+    resume from that state and end bitwise where the uninterrupted run ends, with a stale temp file cleaned up."""
+    import pndm_fast.runners.train as train_module
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed between the two files")
+
+    monkeypatch.setattr(train_module, "save_state_dict", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(save_every=3), str(tmp_path), max_steps=6, progress=False)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [STATE_FILE]
+    (tmp_path / f".{STATE_FILE}.999999999.tmp").write_bytes(b"half a checkpoint")  # a writer killed mid-save
+    train(tiny_config(save_every=3), str(tmp_path), restart=True, max_steps=6, progress=False)
+    assert sorted(os.listdir(tmp_path)) == sorted([EMA_FILE, STATE_FILE])
+    assert_bitwise_equal(read_state(run_a[0])["model"], read_state(tmp_path)["model"], "model")
+    ema_a = torch.load(run_a[0] / EMA_FILE, weights_only=True)
+    assert_bitwise_equal(ema_a, torch.load(tmp_path / EMA_FILE, weights_only=True), "ema.ckpt")
+
+
 def test_saves_are_atomic_and_loadable(run_a):
     folder, _ = run_a
     assert sorted(os.listdir(folder)) == sorted([EMA_FILE, STATE_FILE])  # no temporary files left behind

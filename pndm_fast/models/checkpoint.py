@@ -1,17 +1,31 @@
-"""Loading and saving plain state dicts (.ckpt/.pt/.pth via torch.save, or .safetensors), with one-line errors."""
+"""Loading and saving plain state dicts (.ckpt/.pt/.pth via torch.save, or .safetensors), with one-line errors.
+
+Nothing here unpickles code: torch.save files are read with torch.load(weights_only=True), which accepts
+tensors, dicts, lists, tuples, strings and numbers only and refuses any other global before it is called, and
+.safetensors files hold raw tensor bytes and a JSON header, no pickle at all.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..atomic import atomic_path
 from ..errors import UserError
 
 _SHOWN = 3  # how many offending keys an error message names
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+# safetensors stores tensors sorted by dtype and name and forgets the dict's order; the order is kept in the
+# header's string-to-string metadata so that a round trip gives back the state dict key for key, in order
+KEY_ORDER = "pndm_fast.key_order"
+DATA_PARALLEL_PREFIX = "module."  # what nn.DataParallel / DistributedDataParallel put before every key
 
 
 def _names(keys: list[str]) -> str:
@@ -31,37 +45,89 @@ def _reason(err: Exception) -> str:
     return reason[:200]
 
 
-def _read(path: str) -> Mapping[str, torch.Tensor]:
+def is_safetensors(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(SAFETENSORS_SUFFIX)
+
+
+def torch_load(path: str, map_location="cpu", what: str = "checkpoint"):
+    """torch.load(path, weights_only=True), with every failure turned into a one-line UserError.
+
+    A pickle that names any global other than torch's tensor rebuilders (io.open, os.system, a class with a
+    __reduce__) is refused before that global is looked up, so nothing in the file runs.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} not found")
+    try:
+        with warnings.catch_warnings():
+            # a raw pickle (not torch.save's zip) makes torch warn about its protocol on stderr before refusing
+            # it; the refusal below is the one line the user needs
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every failure here means the same thing to the user
+        reason = _reason(err)
+        if "Unsupported global" in reason or "Unsupported class" in reason:
+            raise UserError(
+                f"{what} {path}: loading it would execute code and was refused ({reason}); only plain state "
+                "dicts of tensors are read (torch.load weights_only=True): re-save model.state_dict() alone, "
+                "or as .safetensors, where the file was made"
+            ) from None
+        # e.g. a raw pickle of protocol 4 or 5 ("Unsupported operand 149"), refused before any of it is run
+        raise UserError(
+            f"{what} {path} could not be read and was refused: it is not a plain state dict saved by torch.save "
+            f"({reason})"
+        ) from None
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys, metadata = list(f.keys()), f.metadata() or {}
+            order = json.loads(metadata[KEY_ORDER]) if KEY_ORDER in metadata else None
+            if order is None or sorted(order) != sorted(keys):
+                order = keys  # written by another program: its header order (sorted by safetensors)
+            return {k: f.get_tensor(k) for k in order}
+    except (SafetensorError, OSError, ValueError) as err:  # ValueError: a corrupt KEY_ORDER entry
+        raise UserError(f"checkpoint {path} could not be read: it is not a valid .safetensors file "
+                        f"({_reason(err)})") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in `path` (on the CPU, in the file's key order and dtypes), or a one-line UserError when
+    the file is missing, unreadable, would run code, or holds anything but a flat mapping of names to tensors."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(
             f"checkpoint {path} not found; the published checkpoints of the paper are linked from "
             "https://github.com/luping-liu/PNDM (README), or train one with --runner train"
         )
-    try:
-        if path.endswith(".safetensors"):
-            state = load_file(path, device="cpu")
-        else:
-            # weights_only refuses any pickle that would construct arbitrary objects or call code
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - every failure here means the same thing to the user
+    state = _read_safetensors(path) if is_safetensors(path) else torch_load(path)
+    if not isinstance(state, Mapping):
+        raise UserError(f"checkpoint {path} holds a {type(state).__name__}, not a plain state dict of tensors; "
+                        "save model.state_dict() alone")
+    others = [str(k) for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if others:
         raise UserError(
-            f"checkpoint {path} could not be read: it is not a plain state dict, or loading it would execute "
-            f"code and was refused ({_reason(err)})"
-        ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(
-            f"checkpoint {path} holds a {type(state).__name__}, not a plain state dict of tensors; "
-            "save model.state_dict() alone"
+            f"checkpoint {path} is not a plain state dict of tensors: {len(others)} entries are something else "
+            f"({_names(others)}); save model.state_dict() alone (for a training folder, load its ema.ckpt)"
         )
-    return state
+    return dict(state)
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
-    """Load a plain state dict into `model` with strict keys and shapes; tensors are cast to the model's
-    dtype. Returns the model."""
-    path = os.fspath(path)
-    state = _read(path)
-    expected = model.state_dict()
+def strip_data_parallel_prefix(state: Mapping[str, torch.Tensor],
+                               expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with the leading "module." removed from every key, when every key has it and the model's keys
+    do not: checkpoints saved from an nn.DataParallel or DistributedDataParallel wrapper (as the reference's
+    training did) look like that. Any other state dict is returned as it is, so a mismatch is still reported."""
+    keys = list(state)
+    if keys and all(k.startswith(DATA_PARALLEL_PREFIX) for k in keys) \
+            and not any(k.startswith(DATA_PARALLEL_PREFIX) for k in expected):
+        return {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: str) -> None:
+    """UserError unless `state` has exactly the keys of `expected` (a model's state_dict(), possibly on the
+    meta device) with the same shapes; dtypes may differ (they are cast on load)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -80,16 +146,45 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn
             f"checkpoint {path} has {len(wrong)} tensors of the wrong shape: {shapes}{more}; check that the "
             "config's Model section is the one the checkpoint was trained with"
         )
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Load a plain state dict into `model` with strict keys and shapes; tensors are cast to the model's
+    dtype, and a "module." prefix on every key (a DataParallel checkpoint) is dropped. Returns the model."""
+    path = os.fspath(path)
+    expected = model.state_dict()
+    state = strip_data_parallel_prefix(read_state_dict(path), expected)
+    check_state_dict(state, expected, path)
     model.load_state_dict(state, strict=True)
     return model
 
 
+def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors that safetensors' save_file accepts: contiguous, and no two of them on the same
+    storage (tied weights, or views of one buffer, which save_file refuses); those are cloned, each then
+    stored once per key, and the values are unchanged bit for bit."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    owners: dict[int, int] = {}
+    for v in tensors.values():
+        if v.numel():
+            ptr = v.untyped_storage().data_ptr()
+            owners[ptr] = owners.get(ptr, 0) + 1
+    return {k: v.clone() if v.numel() and owners[v.untyped_storage().data_ptr()] > 1 else v
+            for k, v in tensors.items()}
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict atomically: to a temporary file in the same folder, then os.replace, so that a
-    crash mid-write never leaves a truncated checkpoint under `path`. safetensors for .safetensors, else
-    torch.save."""
+    crash mid-write never leaves a truncated checkpoint under `path`. safetensors for .safetensors (key order
+    kept in its metadata), else torch.save."""
     with atomic_path(path) as tmp:
-        if os.fspath(path).endswith(".safetensors"):
-            save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp)
-        else:
-            torch.save(dict(state_dict), tmp)
+        write_state_dict(state_dict, tmp, safetensors=is_safetensors(path))
+
+
+def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: str, *, safetensors: bool) -> None:
+    """The plain, non-atomic write behind save_state_dict (callers pick the final name themselves)."""
+    if safetensors:
+        tensors = _unshared(state_dict)
+        save_file(tensors, path, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))})
+    else:
+        torch.save(dict(state_dict), path)

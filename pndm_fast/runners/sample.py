@@ -1,7 +1,10 @@
-"""`--runner sample`: per-index noise, batches, NaN checks, atomic PNG writes, a grid, a summary line."""
+"""`--runner sample`: per-index noise, batches, NaN checks, atomic PNG writes, a grid, a summary line; resumable
+(a rerun of the same command writes only the missing images) and split over torchrun's processes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,8 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import distributed
+from ..atomic import remove_stale_temps
 from ..errors import UserError
-from ..images import image_grid, to_uint8, write_png_atomic
+from ..images import image_grid, read_png, to_uint8, write_png_atomic
 from ..models import build_model, load_checkpoint
 from ..sampling import sample
 from ..schedule import Schedule
@@ -89,8 +94,92 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+SETTINGS_KEY = "pndm-fast"  # the PNG tEXt key under which every image records the settings that made it
+# Settings that decide an image's pixels. batch_size and total_num are among them on the CPU, where the UNet
+# rounds differently by batch composition (one grey level at most); device and backend are recorded, not compared.
+COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "seed", "dtype", "total_num",
+            "batch_size")
+
+
+def run_settings(config: dict, opts: SampleOptions, checkpoint: str, total: int, batch: int) -> dict:
+    """What made an image, as written into each PNG: a hash of the model and schedule config, the checkpoint's
+    real path and size, and the sampling options."""
+    shape_config = {key: config.get(key) for key in ("Schedule", "Model")}
+    shape_config["shape"] = image_shape(config)
+    digest = hashlib.sha256(json.dumps(shape_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    real = os.path.realpath(checkpoint)
+    return {"config": digest, "checkpoint": real, "checkpoint_bytes": os.path.getsize(real), "method": opts.method,
+            "sample_step": opts.sample_step, "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
+            "batch_size": batch, "device": torch.device(opts.device).type, "backend": opts.backend}
+
+
+def settings_mismatch(path: str, text: dict[str, str], settings: dict) -> str | None:
+    """None when the image at `path` was made with `settings`, else a one-line reason to refuse the run."""
+    advice = ("rerun with the settings it was made with, or write to a new --image_path (or delete the folder's "
+              "images)")
+    try:
+        found = json.loads(text[SETTINGS_KEY])
+    except (KeyError, ValueError):
+        return f"{path} exists but records no pndm-fast sampling settings, so resuming could mix runs: {advice}"
+    for key in COMPARED:
+        if found.get(key) != settings[key]:
+            return (f"{path} was made with {key} {found.get(key)!r}, this run asks for {settings[key]!r}: "
+                    f"{advice}")
+    return None
+
+
+def scan_batches(folder: str, batches: list[int], batch: int, total: int, shape: tuple[int, int, int],
+                 settings: dict) -> tuple[dict[int, list[int]], dict]:
+    """Check the images of `batches` already in `folder`; returns {batch: the indices to (re)write} for the
+    batches that lack any, and counts {"found", "damaged", "mismatch" (the first reason or None)}."""
+    todo, stats = {}, {"found": 0, "damaged": 0, "mismatch": None}
+    for k in batches:
+        missing = []
+        for index in range(k * batch, min((k + 1) * batch, total)):
+            path = os.path.join(folder, image_name(index))
+            read = read_png(path, shape)
+            if read is None:
+                missing.append(index)
+                stats["damaged"] += os.path.lexists(path)  # present under its final name, but not a whole image
+                continue
+            stats["found"] += 1
+            if stats["mismatch"] is None:
+                stats["mismatch"] = settings_mismatch(path, read[1], settings)
+        if missing:
+            todo[k] = missing
+    return todo, stats
+
+
+def gather(value) -> list:
+    """`value` from every rank, in rank order (just [value] in a single process)."""
+    if not distributed.is_initialized():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def read_grid_tiles(folder: str, total: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """The first images (up to 256), read back from the files: whichever rank or earlier run wrote them."""
+    tiles = []
+    for index in range(min(total, 256)):
+        read = read_png(os.path.join(folder, image_name(index)), shape)
+        if read is None:
+            raise UserError(f"{image_name(index)} vanished from {folder} while the grid was being made; "
+                            f"rerun the same command to rewrite it")
+        tiles.append(read[0])
+    return np.stack(tiles)
+
+
 def run_sample(config: dict, opts: SampleOptions) -> int:
-    """Write images 0 .. total_num - 1 to opts.image_path; returns the number written."""
+    """Write images 0 .. total_num - 1 to opts.image_path; returns the number written by this run (all ranks).
+
+    Resumable: images already there, whole and made with the same settings (recorded in each PNG), are kept;
+    a batch with any image missing or damaged is generated again whole, since on the CPU the UNet's rounding
+    depends on the batch composition, and only its missing images are written. Under torchrun, batch k
+    (indices [k * batch_size, (k + 1) * batch_size)) goes to rank k % world_size, so each image is made in the
+    same batch as in a single process.
+    """
     device = check_device(opts.device)
     section = config.get("Sample") or {}
     total = opts.total_num if opts.total_num is not None else int(section.get("total_num", 64))
@@ -99,19 +188,43 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
         raise UserError(f"--total_num and --batch_size must be at least 1, got {total} and {batch}")
     schedule = Schedule.from_config(config["Schedule"])
     schedule.time_steps(opts.sample_step)  # refuse an impossible step count before loading anything
-    model = load_model(config, opts.model_path, opts.device, opts.dtype)
+    joined_here = not distributed.is_initialized()
+    world = distributed.init(device.type)
+    device = torch.device(distributed.device_for(opts.device, world))
+    model = load_model(config, opts.model_path, device, opts.dtype)
+    settings = run_settings(config, opts, resolve_model_path(opts.model_path, config), total, batch)
+    text = {SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
     # NHWC lets cuDNN use its tensor-core convolutions without transposing every activation; on the CPU the
     # default layout is as fast, so it stays.
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     shape = image_shape(config)
-    os.makedirs(opts.image_path, exist_ok=True)
+    folder = opts.image_path
+    os.makedirs(folder, exist_ok=True)
+    if world.is_main:  # before any rank writes, so no live writer of this run loses its temporary file
+        remove_stale_temps(folder)
+    distributed.barrier()
 
-    start, tiles = time.perf_counter(), []
-    with tqdm(total=total, unit="img", disable=not opts.progress, desc=f"{opts.method} {opts.sample_step}") as bar:
-        for first in range(0, total, batch):
-            indices = range(first, min(first + batch, total))
+    num_batches = -(-total // batch)
+    todo, stats = scan_batches(folder, list(range(world.rank, num_batches, world.size)), batch, total, shape,
+                               settings)
+    everyone = gather(stats)
+    for other in everyone:
+        if other["mismatch"]:
+            raise UserError(other["mismatch"])
+    found, damaged = sum(s["found"] for s in everyone), sum(s["damaged"] for s in everyone)
+    skipped = num_batches - sum(gather(len(todo)))
+    if world.is_main and (found or damaged):
+        print(f"found {found} of {total} images in {folder} ({damaged} cut short or damaged, to be rewritten); "
+              f"skipping {skipped} of {num_batches} batches whose images are all there")
+
+    start, written = time.perf_counter(), 0
+    mine = sum(len(range(k * batch, min((k + 1) * batch, total))) for k in todo)
+    with tqdm(total=mine, unit="img", disable=not (opts.progress and world.is_main),
+              desc=f"{opts.method} {opts.sample_step}") as bar:
+        for k, missing in todo.items():
+            indices = range(k * batch, min((k + 1) * batch, total))
             noise = noise_for(indices, shape, opts.seed).to(device)
             with torch.inference_mode():
                 x = sample(model, noise, schedule, opts.method, opts.sample_step, backend=opts.backend,
@@ -120,14 +233,20 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
                 raise UserError(f"the samples {indices.start}..{indices.stop - 1} hold NaN or Inf, nothing of them "
                                 "was written; check that the checkpoint matches the config, or use --dtype fp32")
             pixels = to_uint8(x)
-            for index, image in zip(indices, pixels):
-                write_png_atomic(image, os.path.join(opts.image_path, image_name(index)))
-            if opts.grid and len(tiles) < 256:
-                tiles.extend(pixels[: 256 - len(tiles)])
+            for index in missing:
+                # No fsync per image (3 ms each, minutes over 50k images): a file that a power loss cuts short
+                # is found by the next run of the same command, which writes it again.
+                write_png_atomic(pixels[index - indices.start], os.path.join(folder, image_name(index)), text=text,
+                                 fsync=False)
+            written += len(missing)
             bar.update(len(indices))
+    written = sum(gather(written))  # also waits for every rank, so every image is on disk below
     seconds = time.perf_counter() - start
-    if opts.grid:
-        os.makedirs(os.path.dirname(os.path.abspath(opts.grid)), exist_ok=True)
-        write_png_atomic(image_grid(np.stack(tiles)), opts.grid)
-    print(f"wrote {total} images to {opts.image_path} in {seconds:.2f} s ({total / seconds:.2f} images/s)")
-    return total
+    if world.is_main:
+        if opts.grid:
+            remove_stale_temps(os.path.dirname(os.path.abspath(opts.grid)), os.path.basename(opts.grid))
+            write_png_atomic(image_grid(read_grid_tiles(folder, total, shape)), opts.grid)
+        print(f"wrote {written} images to {folder} in {seconds:.2f} s ({written / seconds:.2f} images/s)")
+    if joined_here:
+        distributed.shutdown()
+    return written

@@ -3,22 +3,34 @@
 Exact restart without saving any RNG state: every random draw of step k (flips, times, noise, dropout) comes
 from generators seeded by (seed, k) alone, and the data order of epoch e from (seed, e). A run stopped after a
 checkpoint and restarted therefore ends with bitwise the same weights as one that never stopped.
+
+Under torchrun (K processes, DistributedDataParallel: gloo on CPU, NCCL on CUDA) every rank makes the same draws
+for the whole batch of Dataset.batch_size rows and keeps its own K-th of the rows (images, flips, times, noise),
+and the loss is the mean over the whole batch, so DDP's gradient average is the single-process gradient up to
+the order of the float sums. Weights, optimizer state and EMA then stay identical on every rank; rank 0 alone
+writes the checkpoints and shows the progress bar. Dropout masks are drawn per rank, from (seed, step, rank),
+so a model with dropout > 0 trains on other masks than a single process does (same distribution).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
+from .. import distributed
+from ..atomic import atomic_path, remove_stale_temps
 from ..data import TensorImages, load_dataset
 from ..errors import UserError
 from ..models import build_model, save_state_dict
+from ..models.checkpoint import torch_load
 from ..schedule import Schedule
 from ..seeds import derived_seed
 
@@ -26,6 +38,7 @@ STATE_FILE = "train_state.pt"
 EMA_FILE = "ema.ckpt"
 SAVE_EVERY = 5000  # the reference's checkpoint interval
 STREAM_INIT, STREAM_ORDER, STREAM_DRAWS, STREAM_DROPOUT = range(4)  # independent random streams
+ALONE = distributed.World(0, 1, 0)  # a single process: the whole batch is its share
 
 
 def make_optimizer(params, section: dict) -> torch.optim.Optimizer:
@@ -42,30 +55,52 @@ def make_optimizer(params, section: dict) -> torch.optim.Optimizer:
     raise UserError(f"unknown Optim.optimizer {kind!r}: expected adam or sgd")
 
 
-def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator,
-                   loss_type: str) -> torch.Tensor:
-    """The noise-prediction loss of a batch x0 (n, C, H, W) in [-1, 1], summed over C, H, W, mean over n.
+def shard(n: int, w: distributed.World) -> slice:
+    """The rows of a batch of n that rank w.rank trains on: K equal parts when K divides n (every full batch;
+    train checks Dataset.batch_size), else sizes differing by one (an epoch's short last batch; a rank may get
+    none when n < K, and then contributes zero gradient)."""
+    size, extra = divmod(n, w.size)
+    start = w.rank * size + min(w.rank, extra)
+    return slice(start, start + size + (w.rank < extra))
 
-    Antithetic times (t and N - 1 - t in the same batch) lower the variance of the batch mean, as the reference does.
+
+def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator, loss_type: str,
+               batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+    """The noise-prediction loss of each image of x0 (m, C, H, W) in [-1, 1], summed over C, H, W: shape (m,).
+
+    x0 holds the rows `rows` of a batch of `batch` images (default: all of them). Times and noise are drawn for
+    the whole batch and then cut to those rows, so a batch split over processes sees the draws one process
+    would. Antithetic times (t and N - 1 - t in the same batch) lower the variance of the batch mean, as the
+    reference does.
     """
-    n, num_steps = x0.shape[0], ac.shape[0]
+    n, num_steps = (x0.shape[0] if batch is None else batch), ac.shape[0]
+    rows = slice(0, n) if rows is None else rows
     t = torch.randint(0, num_steps, (n // 2 + 1,), generator=gen, device=x0.device)
-    t = torch.cat([t, num_steps - 1 - t])[:n]
-    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-    a = ac[t].view(n, 1, 1, 1)
+    t = torch.cat([t, num_steps - 1 - t])[:n][rows]
+    eps = torch.randn((n, *x0.shape[1:]), generator=gen, device=x0.device)[rows]
+    a = ac[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (SPEC section 1)
     # a learned-sigma network (iDDPM) outputs 2C channels: the first C are eps
     error = model(x_t, t.float())[:, : x0.shape[1]] - eps
     if loss_type == "linear":
-        return error.abs().sum(dim=(1, 2, 3)).mean(dim=0)
+        return error.abs().sum(dim=(1, 2, 3))
     if loss_type == "square":
-        return error.square().sum(dim=(1, 2, 3)).mean(dim=0)
+        return error.square().sum(dim=(1, 2, 3))
     raise UserError(f"unknown Train.loss_type {loss_type!r}: expected linear or square")
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Each image of (n, C, H, W) mirrored left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
+def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator,
+                   loss_type: str) -> torch.Tensor:
+    """The noise-prediction loss of a batch x0 (n, C, H, W) in [-1, 1], summed over C, H, W, mean over n."""
+    return row_losses(model, x0, ac, gen, loss_type).mean(dim=0)
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator, batch: int | None = None,
+                rows: slice | None = None) -> torch.Tensor:
+    """Each image of (m, C, H, W) mirrored left-right with probability 1/2; x holds the rows `rows` of a batch
+    of `batch` images (default: all), and the coins are tossed for the whole batch (see row_losses)."""
+    n = x.shape[0] if batch is None else batch
+    flip = torch.rand(n, generator=gen, device=x.device)[slice(0, n) if rows is None else rows] < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -89,6 +124,7 @@ def atomic_torch_save(obj, path: str) -> None:
 def check_train_path(train_path: str, restart: bool) -> str:
     """The path of train_state.pt, after refusing to overwrite an earlier run or to resume a missing one."""
     os.makedirs(train_path, exist_ok=True)
+    remove_stale_temps(train_path)  # full-size checkpoints that runs killed mid-save left under temporary names
     state_path = os.path.join(train_path, STATE_FILE)
     if restart and not os.path.isfile(state_path):
         raise UserError(f"--restart needs {state_path}, which does not exist: drop --restart to start a new run")
@@ -100,11 +136,13 @@ def check_train_path(train_path: str, restart: bool) -> str:
 
 def load_train_state(path: str, device: torch.device) -> dict:
     """train_state.pt, read with weights_only=True: tensors, dicts, lists and numbers only, never code."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is not a checkpoint of this runner
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(f"cannot read {path} ({reason}): it was not written by --runner train") from None
+    state = torch_load(path, map_location=device, what="training state")
+    needed = ("model", "optimizer", "ema", "step", "epoch", "batch", "seed")
+    missing = [key for key in needed if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"training state {path} lacks {', '.join(missing)}: it was not written by --runner train; "
+                        f"start a new run in an empty folder")
+    return state
 
 
 def resume(state_path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: int,
@@ -123,29 +161,48 @@ def resume(state_path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     return state["ema"], state["step"]
 
 
-def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int,
-                 first_batch: int) -> torch.utils.data.DataLoader:
-    """Batches of epoch `epoch` from batch `first_batch` on, in an order that depends on (seed, epoch) only."""
+def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int, first_batch: int,
+                 w: distributed.World = ALONE) -> torch.utils.data.DataLoader:
+    """Batches of epoch `epoch` from batch `first_batch` on, in an order that depends on (seed, epoch) only;
+    of each batch, only the rows shard(n, w) of this rank (so each image is read by one process only)."""
     gen = torch.Generator().manual_seed(derived_seed(seed, STREAM_ORDER, epoch))
-    order = torch.randperm(len(dataset), generator=gen)[first_batch * batch_size:]
+    order = torch.randperm(len(dataset), generator=gen).tolist()
+    batches = [order[i: i + batch_size] for i in range(first_batch * batch_size, len(order), batch_size)]
     # in-memory tensors need no worker processes; image files are decoded in up to Dataset.num_workers of them
     workers = 0 if isinstance(dataset, TensorImages) else min(num_workers, os.cpu_count() or 1)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, sampler=order.tolist())
+    return torch.utils.data.DataLoader(dataset, num_workers=workers,
+                                       batch_sampler=[b[shard(len(b), w)] for b in batches])
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ac: torch.Tensor,
-               gen: torch.Generator, *, loss_type: str, grad_clip: float | None, flip: bool) -> torch.Tensor:
-    """One optimizer step on a batch x (n, C, H, W) in [0, 1]; returns the loss before the step."""
+               gen: torch.Generator, *, loss_type: str, grad_clip: float | None, flip: bool,
+               batch: int | None = None, w: distributed.World = ALONE) -> torch.Tensor:
+    """One optimizer step on a batch (n = `batch`, C, H, W) in [0, 1] of which x holds this rank's rows
+    shard(n, w) (all n in a single process); returns the loss of the whole batch before the step."""
+    n = x.shape[0] if batch is None else batch
+    rows = shard(n, w)
     x0 = x * 2.0 - 1.0
     if flip:
-        x0 = random_flip(x0, gen)
-    loss = diffusion_loss(model, x0, ac, gen, loss_type)
+        x0 = random_flip(x0, gen, n, rows)
+    losses = row_losses(model, x0, ac, gen, loss_type, n, rows)
+    if w.size == 1:
+        loss = losses.mean(dim=0)
+    else:
+        # DDP averages the K ranks' gradients: (1/K) sum_r (K/n) sum_{rows of r} = (1/n) sum over the batch,
+        # the gradient of the batch mean, whatever the size of each rank's share
+        total = losses.sum()
+        loss = total * (w.size / n)
     optimizer.zero_grad()
     loss.backward()
     if grad_clip is not None:
+        # after DDP's all-reduce every rank holds the same gradient, hence the same norm and the same step
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach()
+    if w.size == 1:
+        return loss.detach()
+    total = total.detach().clone()
+    dist.all_reduce(total)  # the batch's loss for the log: the sum over all ranks' rows, over n
+    return total / n
 
 
 def train(config: dict, train_path: str, *, restart: bool = False, device: str = "cpu",
@@ -156,18 +213,24 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
     Runs Train.epoch epochs of Dataset.batch_size, or stops after max_steps (or Train.max_steps) steps in all,
     counting the steps of earlier runs when restarting. Saves train_state.pt (everything needed to resume)
     and ema.ckpt (the EMA weights, the model that sampling loads) every Train.save_every steps and at the end.
-    Returns {"step", "epoch" (epochs done, fractional), "loss" (the last), "losses" (this run's), "seconds",
-    "ema_path"}.
+    Under torchrun, Dataset.batch_size is the batch of all processes together (see the module's docstring);
+    train_path must then be one folder that every process sees. Returns {"step", "epoch" (epochs done,
+    fractional), "loss" (the last), "losses" (this run's, each the mean over the whole batch), "seconds",
+    "ema_path", "world_size"}.
     """
     missing = [name for name in ("Schedule", "Dataset", "Model", "Optim") if not isinstance(config.get(name), dict)]
     if missing:
         raise UserError(f"a training config needs the sections Schedule, Dataset, Model, Optim (and Train); "
                         f"this one lacks {', '.join(missing)}: start from pndm_fast/configs/digits.yml")
-    state_path = check_train_path(train_path, restart)
-    device = torch.device(device)
     section, data_section = config.get("Train") or {}, config["Dataset"]
-    dataset = load_dataset(config, data_path)
     batch_size, num_workers = int(data_section.get("batch_size", 64)), int(data_section.get("num_workers", 0))
+    w = distributed.world()
+    if batch_size % w.size:
+        # checked before joining the process group, so every rank stops here without waiting for the others
+        raise UserError(f"Dataset.batch_size {batch_size} (the batch of all processes together) is not divisible "
+                        f"by the {w.size} processes: use a multiple of {w.size} or another --nproc_per_node")
+    state_path = check_train_path(train_path, restart)
+    dataset = load_dataset(config, data_path)
     per_epoch = math.ceil(len(dataset) / batch_size)  # the last batch of an epoch may be short, as in the reference
     limit = min([int(section.get("epoch", 1)) * per_epoch]
                 + [int(m) for m in (max_steps, section.get("max_steps")) if m is not None])
@@ -175,35 +238,52 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
     ema_rate = float(section.get("ema_rate", 0.9999)) if section.get("ema", True) else 0.0
     options = {"loss_type": section.get("loss_type", "linear"), "grad_clip": config["Optim"].get("grad_clip"),
                "flip": bool(data_section.get("random_flip", False))}
-    ac = Schedule.from_config(config["Schedule"]).alphas_cumprod.to(device)
+    device = torch.device(distributed.device_for(device, w))
 
     # the seeds for the initial weights and each step's dropout must not leak into the caller's global RNG
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), contextlib.ExitStack() as stack:
+        if w.size > 1 and not distributed.is_initialized():
+            stack.callback(distributed.shutdown)  # a process group that the caller joined is the caller's to leave
+        distributed.init(device.type)
+        ac = Schedule.from_config(config["Schedule"]).alphas_cumprod.to(device)
+        distributed.barrier()  # every rank has passed the checks above before rank 0 may write into train_path
         torch.manual_seed(derived_seed(seed, STREAM_INIT, 0))
         model = build_model(config).to(device)
         optimizer = make_optimizer(model.parameters(), config["Optim"])
         ema, step = {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
         if restart:
             ema, step = resume(state_path, model, optimizer, seed, per_epoch)
+        # every rank starts from the same weights (same seed, or the same file); DDP also broadcasts rank 0's
+        net = model if w.size == 1 else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
         def save() -> None:
-            epoch, batch = divmod(step, per_epoch)
-            save_state_dict(ema, os.path.join(train_path, EMA_FILE))
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
-                               "step": step, "epoch": epoch, "batch": batch, "seed": seed, "config": config},
-                              state_path)
+            if w.is_main:
+                epoch, batch = divmod(step, per_epoch)
+                # train_state.pt first: a kill between the two files then leaves a folder that --restart resumes
+                # (ema.ckpt one save behind, rewritten by the next save), never an ema.ckpt without its state.
+                atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema,
+                                   "step": step, "epoch": epoch, "batch": batch, "seed": seed, "config": config},
+                                  state_path)
+                save_state_dict(ema, os.path.join(train_path, EMA_FILE))
+            # no rank runs ahead or returns before both files are complete: a --restart reads one step's pair
+            distributed.barrier()
 
         losses: list[float] = []
         start = time.perf_counter()
-        bar = tqdm(total=limit, initial=step, desc="train", file=sys.stderr, disable=not progress,
+        bar = tqdm(total=limit, initial=step, desc="train", file=sys.stderr, disable=not (progress and w.is_main),
                    dynamic_ncols=True)
-        model.train()
+        net.train()
         while step < limit:
             epoch, first_batch = divmod(step, per_epoch)
-            for x in epoch_loader(dataset, batch_size, num_workers, seed, epoch, first_batch):
+            for batch, x in enumerate(epoch_loader(dataset, batch_size, num_workers, seed, epoch, first_batch, w),
+                                      first_batch):
                 gen = torch.Generator(device).manual_seed(derived_seed(seed, STREAM_DRAWS, step))
-                torch.manual_seed(derived_seed(seed, STREAM_DROPOUT, step))
-                loss = train_step(model, optimizer, x.to(device), ac, gen, **options)
+                # one process draws (seed, step)'s dropout masks; K processes each draw their own, from the rank
+                words = (seed, STREAM_DROPOUT, step) if w.size == 1 else (seed, STREAM_DROPOUT, step, w.rank)
+                torch.manual_seed(derived_seed(*words))
+                n = min(batch_size, len(dataset) - batch * batch_size)
+                loss = train_step(net, optimizer, x.to(device), ac, gen, batch=n, w=w, **options)
                 ema_update(ema, model, ema_rate)
                 step += 1
                 losses.append(loss.item())
@@ -217,4 +297,5 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
         if not losses:
             save()  # a restart that finds the run complete still leaves both files in place
     return {"step": step, "epoch": step / per_epoch, "loss": losses[-1] if losses else None, "losses": losses,
-            "seconds": time.perf_counter() - start, "ema_path": os.path.join(train_path, EMA_FILE)}
+            "seconds": time.perf_counter() - start, "ema_path": os.path.join(train_path, EMA_FILE),
+            "world_size": w.size}

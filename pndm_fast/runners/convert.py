@@ -1,0 +1,96 @@
+"""pndm-fast --runner convert: a checkpoint from .ckpt/.pt/.pth to .safetensors or back, tensor for tensor.
+
+The output holds the same keys in the same order, and tensors equal bit for bit in their original dtypes
+(nothing is cast); keys are not renamed either, so a "module." prefix stays (load_checkpoint drops it). An
+existing output is never overwritten, like a training folder's checkpoints: remove it or choose another name.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..atomic import fsync_path, temp_name
+from ..errors import UserError
+from ..models import build_model
+from ..models.checkpoint import (
+    SAFETENSORS_SUFFIX,
+    TORCH_SUFFIXES,
+    check_state_dict,
+    is_safetensors,
+    read_state_dict,
+    strip_data_parallel_prefix,
+    write_state_dict,
+)
+
+SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
+
+
+def _suffix(path: str, flag: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise UserError(f"{flag} {path} has an unknown extension {suffix or '(none)'!r}: expected one of "
+                        f"{', '.join(SUFFIXES)} (.safetensors is written with safetensors, the others with "
+                        "torch.save)")
+    return suffix
+
+
+def publish(tmp: str, path: str) -> None:
+    """Give the complete file `tmp` the name `path`, refusing to replace a file that appeared there meanwhile:
+    os.link fails atomically when `path` exists, where an exists-check followed by os.replace could race.
+    Like atomic_path, the data is on the disk before the name, and the name before returning (a power loss
+    never leaves a zero-length checkpoint)."""
+    fsync_path(tmp)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"--out_path {path} appeared while converting; it was left as it is") from None
+    except OSError:  # a filesystem without hard links: the rename is still atomic, only the check is not
+        if os.path.exists(path):
+            raise UserError(f"--out_path {path} appeared while converting; it was left as it is") from None
+        os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
+    """Write the state dict in model_path to out_path in the format out_path's extension names.
+
+    With a config, the checkpoint must first match that config's model (strict keys and shapes, as
+    load_checkpoint checks them). Returns {"keys", "parameters" (elements of all tensors), "bytes_in",
+    "bytes_out"}.
+    """
+    if not model_path or not out_path:
+        raise UserError("--runner convert needs --model_path IN and --out_path OUT (.ckpt, .pt, .pth or "
+                        ".safetensors), e.g. --model_path ddim_cifar10.ckpt --out_path ddim_cifar10.safetensors")
+    _suffix(model_path, "--model_path")
+    _suffix(out_path, "--out_path")
+    if os.path.abspath(model_path) == os.path.abspath(out_path) or (
+            os.path.exists(out_path) and os.path.exists(model_path) and os.path.samefile(model_path, out_path)):
+        raise UserError(f"--out_path {out_path} is the input checkpoint itself: choose another name")
+    if os.path.lexists(out_path):
+        raise UserError(f"--out_path {out_path} exists and is not overwritten: remove it or choose another name")
+    state = read_state_dict(model_path)
+    if config is not None:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation, even for the 256x256 UNets
+            expected = build_model(config).state_dict()
+        check_state_dict(strip_data_parallel_prefix(state, expected), expected, model_path)
+    folder, name = os.path.split(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, temp_name(name))
+    try:
+        write_state_dict(state, tmp, safetensors=is_safetensors(out_path))
+        publish(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"keys": len(state), "parameters": sum(v.numel() for v in state.values()),
+            "bytes_in": os.path.getsize(model_path), "bytes_out": os.path.getsize(out_path)}
+
+
+def run_convert(model_path: str | None, out_path: str | None, config: dict | None) -> int:
+    """The command line's convert runner: convert, then one summary line on stdout. Returns the exit code."""
+    summary = convert(model_path, out_path, config)
+    print(f"converted {model_path} -> {out_path}: {summary['keys']} tensors, {summary['parameters']:,} "
+          f"parameters, {summary['bytes_in']:,} -> {summary['bytes_out']:,} bytes")
+    return 0

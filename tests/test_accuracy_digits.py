@@ -1,0 +1,98 @@
+"""The digits Frechet-distance study: the shipped classifier recognises held-out digits, its features separate real
+digits from noise by far more than two halves of the real digits differ, and the benchmark's quick mode
+produces a row for every registered method (served from its cache the second time)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pndm_fast.config import load_config
+from pndm_fast.digits_classifier import held_out_indices, load_classifier
+from pndm_fast.frechet import frechet_distance, statistics
+from pndm_fast.plans import PLAN_BUILDERS, build_plan
+from pndm_fast.schedule import Schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import accuracy_digits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def real():
+    """scikit-learn's digits rebuilt here from the raw 8x8 arrays (values 0..16), upscaled bilinearly to 16x16,
+    (1797, 1, 16, 16) in [0, 1], and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
+    return F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False), digits.target
+
+
+def test_classifier_recognises_held_out_digits(real):
+    images, labels = real
+    idx = held_out_indices(len(images))
+    assert len(idx) == 360 and len(np.unique(labels[idx])) == 10
+    with torch.inference_mode():
+        predicted = load_classifier()(images[idx]).argmax(1).numpy()
+    assert (predicted == labels[idx]).mean() > 0.95
+
+
+def test_real_halves_are_far_closer_than_noise_is_to_real(real):
+    images, _ = real
+    net = load_classifier()
+    noise = torch.rand(len(images), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    blurred = F.avg_pool2d(noise, 3, 1, 1)  # smoother noise, closer in brightness to strokes: a harder case
+    with torch.inference_mode():
+        feats = net.features(images).double().numpy()
+        noise_stats = [statistics(net.features(x).double().numpy()) for x in (noise, blurred)]
+    a, b = accuracy_digits.real_halves(len(images))
+    assert len(set(a) & set(b)) == 0 and len(a) + len(b) == len(images)
+    floor = frechet_distance(*statistics(feats[a]), *statistics(feats[b]))
+    real_stats = statistics(feats)
+    for stats in noise_stats:
+        assert frechet_distance(*stats, *real_stats) > 20 * floor
+
+
+def test_label_entropy():
+    assert accuracy_digits.label_entropy(np.arange(1000) % 10) == pytest.approx(np.log2(10))
+    assert accuracy_digits.label_entropy(np.full(50, 3)) == 0.0
+    assert accuracy_digits.label_entropy(np.array([0, 1, 0, 1])) == pytest.approx(1.0)
+
+
+@pytest.fixture
+def one_thread():
+    # A 16x16 UNet at batch 8 is too small to split over threads; on a busy shared CPU two OpenMP threads wait on
+    # each other at every convolution (measured here: 108 s for the quick run with two, 24 s with one).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_run_has_a_row_for_every_method_and_reruns_from_the_cache(tmp_path, monkeypatch, one_thread):
+    argv = ["--quick", "--steps", "2", "--num", "8", "--batch_size", "8", "--cache", str(tmp_path / "cache.npz"),
+            "--plot", str(tmp_path / "fd.png")]
+    text, rows = accuracy_digits.main(argv, log=lambda *_: None)
+    schedule = Schedule.from_config(load_config("digits")["Schedule"])
+    assert [(r["method"], r["steps"]) for r in rows] == [(m, 2) for m in PLAN_BUILDERS]
+    for row in rows:
+        assert row["nfe"] == build_plan(schedule, row["method"], 2).model_calls
+        assert np.isfinite(row["fd"]) and row["fd"] > 0 and row["num"] == 8
+        assert 0 <= row["label_entropy"] <= np.log2(8) + 1e-9  # 8 labels carry at most 3 bits
+        assert f"| {row['method']} |" in text
+    assert (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(tmp_path / "cache.npz") as cache:
+        assert cache["DDIM/2/0"].shape == (8, 16, 16) and cache["DDIM/2/0"].dtype == np.uint8
+        assert "F-PNDM/2/1" in cache.files  # the second seed of the spread row
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although every cell is cached")
+
+    monkeypatch.setattr(accuracy_digits, "sample", no_sampling)
+    again = accuracy_digits.main(argv[:3] + ["--num", "6"] + argv[5:], log=lambda *_: None)[1]
+    assert [r["method"] for r in again] == list(PLAN_BUILDERS)
+    assert all(r["num"] == 6 for r in again)  # a prefix of the cached 8
