@@ -73,8 +73,9 @@ class SampleCache:
             return {k: data[k] for k in data.files if k != "fingerprint"}
 
     def get(self, key: str, num: int) -> np.ndarray | None:
+        """The first `num` images of `key`, or as many as are cached when fewer (None when none)."""
         images = self._load().get(key)
-        return images[:num] if images is not None and len(images) >= num else None
+        return None if images is None else images[:num]
 
     def put(self, key: str, images: np.ndarray) -> None:
         if self.path is None:
@@ -105,18 +106,21 @@ class Generator:
     def images(self, method: str, steps: int, seed: int, num: int) -> np.ndarray:
         key = f"{method}/{steps}/{seed}"
         cached = self.cache.get(key, num)
-        if cached is not None:
+        if cached is not None and len(cached) == num:
             return cached
-        start, parts = time.perf_counter(), []
-        for first in range(0, num, self.batch):
+        # Top up from the first missing index: image i depends only on (seed, i), so a cache grown over several
+        # runs holds the same digits as one long run (up to the batch-composition rounding of the CPU UNet).
+        have = 0 if cached is None else len(cached)
+        start, parts = time.perf_counter(), [] if cached is None else [cached]
+        for first in range(have, num, self.batch):
             noise = noise_for(range(first, min(first + self.batch, num)), self.shape, seed)
             with torch.inference_mode():
                 x = sample(self.model, noise, self.schedule, method, steps, backend="fused")
             parts.append(to_uint8(x)[..., 0])
         images = np.concatenate(parts)
         seconds = time.perf_counter() - start
-        calls = self.model_calls(method, steps) * num
-        self.log(f"  sampled {key} x{num}: {seconds:.0f} s, {calls / seconds:.0f} image-model-calls/s")
+        calls = self.model_calls(method, steps) * (num - have)
+        self.log(f"  sampled {key} x{num - have}: {seconds:.0f} s, {calls / seconds:.0f} image-model-calls/s")
         self.cache.put(key, images)
         return images
 
@@ -149,12 +153,16 @@ def real_halves(num_real: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return order[: num_real // 2], order[num_real // 2:]
 
 
-def plot(rows: list[dict], floor: float, real_at_n: float, path: Path) -> None:
-    import matplotlib
-    import matplotlib.ticker
+def plot(rows: list[dict], floor: float, real_at_n: float, path: Path) -> bool:
+    """FD against NFE per method, on log axes; False (nothing drawn) when matplotlib is absent."""
+    try:
+        import matplotlib
+        import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -182,6 +190,7 @@ def plot(rows: list[dict], floor: float, real_at_n: float, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    return True
 
 
 def markdown(rows: list[dict], steps: tuple[int, ...], extra: dict) -> str:

@@ -2,6 +2,7 @@
 digits from noise by far more than two halves of the real digits differ, and the benchmark's quick mode
 produces a row for every registered method (served from its cache the second time)."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -84,7 +85,9 @@ def test_quick_run_has_a_row_for_every_method_and_reruns_from_the_cache(tmp_path
         assert np.isfinite(row["fd"]) and row["fd"] > 0 and row["num"] == 8
         assert 0 <= row["label_entropy"] <= np.log2(8) + 1e-9  # 8 labels carry at most 3 bits
         assert f"| {row['method']} |" in text
-    assert (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drew = (tmp_path / "fd.png").exists()
+    assert drew == (importlib.util.find_spec("matplotlib") is not None)  # the plot is optional, like every plot here
+    assert not drew or (tmp_path / "fd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with np.load(tmp_path / "cache.npz") as cache:
         assert cache["DDIM/2/0"].shape == (8, 16, 16) and cache["DDIM/2/0"].dtype == np.uint8
         assert "F-PNDM/2/1" in cache.files  # the second seed of the spread row
