@@ -3,7 +3,9 @@
 The lower bound of a run is its model calls times one forward of the same model variant at the same batch,
 timed the same way; the ratio to it is what the sampler costs on top of the network.
 
-    python benchmarks/bench_e2e.py [--quick | --smoke] [--out DIR] [--device cpu|cuda]
+    python benchmarks/bench_e2e.py [--quick | --smoke] [--out DIR] [--device cpu|cuda] [--models NAME,...]
+
+--models keeps some of the configured models (ddim-cifar10, digits), so a short GPU lease can run them one by one.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
     device, mode = torch.device(args.device), common.mode(args)
     reps = min(REPS[mode], 3) if device.type == "cpu" else REPS[mode]  # CPU runs last seconds each, not ms
     configs, notes = configurations(device, mode)
+    if args.models:
+        names, known = args.models.split(","), [c[0] for c in configs]
+        if set(names) - set(known):
+            raise SystemExit(f"bench_e2e.py: --models {args.models}: this mode runs {', '.join(known)}")
+        configs = [c for c in configs if c[0] in names]
     rows, panels = [], []
     for model_name, batches, variants, steps in configs:
         config = load_config(model_name)
@@ -137,7 +144,11 @@ COLUMNS = [
 
 
 def main(argv: list[str] | None = None) -> tuple[str, list[dict]]:
-    return common.main("bench_e2e.py", __doc__, NAME, run, COLUMNS, argv)
+    return common.main("bench_e2e.py", __doc__, NAME, run, COLUMNS, argv, add_arguments)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", help="comma-separated models to keep of those the mode runs (default: all)")
 
 
 if __name__ == "__main__":

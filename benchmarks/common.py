@@ -274,11 +274,14 @@ def report(name: str, out: Path, env: dict, rows: list[dict], columns: list[Colu
 
 
 def main(script: str, doc: str, name: str, run: Callable, columns: list[Column],
-         argv: list[str] | None) -> tuple[str, list[dict]]:
+         argv: list[str] | None, add_arguments: Callable | None = None) -> tuple[str, list[dict]]:
     """A benchmark script's main: parse argv, run(args) -> (rows, panels, notes), report. Returns the markdown
-    and the rows, for run_all.py."""
+    and the rows, for run_all.py. `add_arguments(parser)` adds a script's own options to the shared ones."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = arg_parser(doc.splitlines()[0]).parse_args(argv)
+    parser = arg_parser(doc.splitlines()[0])
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         # Compile in-process: after a first compile, inductor's pool of compile workers starts up in the

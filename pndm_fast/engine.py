@@ -93,7 +93,7 @@ class GraphRunner:
         # their memory to other tensors while the graph still writes there on each replay.
         self.runner = runner
         self.x, self.trajectory = runner.x, runner.trajectory
-        side = torch.cuda.Stream()
+        side = warmup_stream(runner.x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             runner.x.normal_()
@@ -107,3 +107,14 @@ class GraphRunner:
         """Sample from `noise` by replaying the graph; the result is left in `x` (and `trajectory`)."""
         self.x.copy_(noise)
         self.graph.replay()
+
+
+_WARMUP_STREAMS: dict = {}
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every capture's warm-up. cuBLAS keeps a workspace (32 MiB on Hopper) for
+    each stream it ever ran on, for the life of the process: a fresh stream per capture leaked one per graph."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]

@@ -69,3 +69,34 @@ def test_tables_print(smoke, header):
 def test_gpu_sections_are_cut_at_the_next_heading():
     text = "# R\n## Kernels\nx\n## GPU\nkeep\n## E2E\ny\n"
     assert run_all.gpu_sections(text) == "## GPU\nkeep\n"
+
+
+def test_e2e_refuses_a_model_its_mode_does_not_run(tmp_path):
+    import bench_e2e
+
+    with pytest.raises(SystemExit, match="--models nope: this mode runs digits"):
+        bench_e2e.main(["--smoke", "--device", "cpu", "--models", "nope", "--out", str(tmp_path)])
+
+
+def test_host_profile_names_the_variant_and_its_ops(capsys):
+    import profile_host
+
+    profile_host.main(["--device", "cpu", "--steps", "1", "--variants", "fused", "--rows", "3"])
+    printed = capsys.readouterr().out
+    assert "## digits batch 1, F-PNDM 1 steps, fused:" in printed and "Self CPU" in printed
+
+
+def test_gpu_checks_script_parses_and_names_tests_that_exist():
+    """The GPU pass runs only where a GPU is lent: a renamed test or a syntax error must show up here first."""
+    import re
+    import subprocess
+
+    script = BENCHMARKS / "gpu_checks.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = re.findall(r"(tests/\w+\.py)(?:::(\w+))?", script.read_text())
+    assert named
+    for path, test in named:
+        source = (BENCHMARKS.parent / path).read_text()
+        assert not test or f"def {test}(" in source, f"{path}::{test} is gone"
+    for bench in re.findall(r"benchmarks/(\w+\.py)", script.read_text()):
+        assert (BENCHMARKS / bench).exists(), bench
