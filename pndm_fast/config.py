@@ -8,7 +8,7 @@ from importlib import resources
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 SECTIONS = ("Schedule", "Dataset", "Model", "Train", "Optim", "Sample")
 
@@ -42,7 +42,7 @@ def load_config(name_or_path: str) -> dict:
         with open(path) as f:
             config = yaml.safe_load(f)
     except yaml.YAMLError as err:
-        raise UserError(f"config {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UserError(f"config {path} is not valid YAML ({first_line(err)})") from None
     except UnicodeDecodeError:
         raise UserError(f"config {path} is not a text file; give a YAML file in the published layout") from None
     except OSError as err:

@@ -193,7 +193,8 @@ def test_inception_path_reads_only_the_local_weights(tmp_path, digits_uint8, cap
     mu_ref, sigma_ref = statistics((x.mean((2, 3)) @ proj).double())
     with np.load(stats) as data:
         np.testing.assert_allclose(data["mu"], mu_ref, rtol=1e-5)
-        np.testing.assert_allclose(data["sigma"], sigma_ref, rtol=1e-4, atol=1e-9)
+        # features are float32: entries that cancel to near zero carry rounding of the matrix's scale, not their own
+        np.testing.assert_allclose(data["sigma"], sigma_ref, rtol=1e-4, atol=1e-5 * np.abs(sigma_ref).max())
 
     torch.save({"proj": types.SimpleNamespace}, hub / "checkpoints" / fid.FID_WEIGHTS)  # a pickled class
     with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):

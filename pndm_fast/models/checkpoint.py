@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..atomic import atomic_path
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 _SHOWN = 3  # how many offending keys an error message names
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -36,13 +36,8 @@ def _names(keys: list[str]) -> str:
 def _reason(err: Exception) -> str:
     """The informative line of a load error: torch's weights_only refusal buries it after a paragraph of
     advice ("WeightsUnpickler error: Unsupported global: GLOBAL io.open ...")."""
-    text = str(err)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = lines[0].split(". Please")[0] if lines else type(err).__name__
-    return reason[:200]
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    return first_line(text if text.strip() else err).split(". Please")[0]
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..atomic import atomic_path
 from ..data import IMAGE_SUFFIXES
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..frechet import frechet_distance, statistics
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -48,7 +48,7 @@ class InceptionFeatures:
         try:
             from pytorch_fid import inception
         except Exception as err:  # noqa: BLE001 - ImportError, or torchvision failing against this torch
-            inception, failure = None, one_line(err)
+            inception, failure = None, first_line(err)
         need = []
         if inception is None:
             need.append(f"pip install pytorch-fid and the torchvision release built for torch {torch.__version__} "
@@ -72,11 +72,6 @@ class InceptionFeatures:
         return self.net(images.to(self.device))[0].flatten(1).cpu()
 
 
-def one_line(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:200]
-
-
 def image_files(folder: str) -> list[str]:
     """The image files directly in `folder` (not its subfolders, as pytorch-fid reads a folder), sorted."""
     if not folder or not os.path.isdir(folder):
@@ -96,7 +91,7 @@ def read_image(path: str, mode: str) -> torch.Tensor:
         with Image.open(path) as image:
             array = np.asarray(image.convert(mode), dtype=np.float32)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read image {path} ({one_line(err)}): remove or replace the file") from None
+        raise UserError(f"cannot read image {path} ({first_line(err)}): remove or replace the file") from None
     return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], -1)).permute(2, 0, 1) / 255.0
 
 
@@ -137,7 +132,7 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
     except Exception as err:  # noqa: BLE001 - not an npz, a pickled array, or a missing key: all one answer
-        raise UserError(f"FID statistics {path} could not be read ({one_line(err)}): expected an .npz holding "
+        raise UserError(f"FID statistics {path} could not be read ({first_line(err)}): expected an .npz holding "
                         "arrays mu (D,) and sigma (D, D), as --make_stats writes") from None
     d = mu.shape[0] if mu.ndim == 1 else -1
     if d < 1 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
