@@ -109,7 +109,7 @@ class GraphRunner:
         self.graph.replay()
 
 
-_WARMUP_STREAMS: dict = {}
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def warmup_stream(device: torch.device) -> torch.cuda.Stream:
