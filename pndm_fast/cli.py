@@ -73,9 +73,8 @@ def validate_args(args) -> None:
     data is loaded: one line each, naming the flag (the runners would otherwise fail deep inside torch or os)."""
     import os
 
-    import torch
-
     from .config import MAX_TOTAL_NUM
+    from .runners.sample import check_device
 
     def check_folder(flag: str, path: str) -> None:
         """`path` is, or can be made, a folder to write into: refused when it or an ancestor is a file."""
@@ -103,17 +102,7 @@ def validate_args(args) -> None:
     if args.seed < 0:
         raise UserError(f"--seed must be 0 or more (image i's noise is seeded by (seed, i)), got {args.seed}")
     if args.device:
-        try:
-            device = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise UserError(f"unknown device {args.device!r}: expected cpu, cuda or cuda:N") from None
-        if device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {args.device!r} is not supported: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA devices, "
-                            f"numbered from 0; pick one of them")
+        check_device(args.device)
     if args.runner == "sample":
         check_folder("--image_path", args.image_path)
         if args.grid:

@@ -85,12 +85,18 @@ def image_shape(config: dict) -> tuple[int, int, int]:
 
 
 def check_device(device: str) -> torch.device:
+    """`device` as a torch.device this machine has: cpu, cuda or cuda:N (one-line UserError otherwise)."""
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}: expected cpu or cuda[:N]") from None
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not supported: expected cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices, "
+                        f"numbered from 0; pick one of them")
     return dev
 
 
