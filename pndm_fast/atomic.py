@@ -24,8 +24,25 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+class DestinationExists(FileExistsError):
+    """atomic_path(exclusive=True) found a file under `path` when it came to publish: nothing was replaced."""
+
+
+def _publish_exclusive(tmp: str, path: str) -> None:
+    """Give `tmp` the name `path` unless a file has it: os.link fails atomically when `path` exists, where an
+    exists-check followed by os.replace could race."""
+    try:
+        os.link(tmp, path)  # atomic_path removes `tmp` afterwards, leaving `path` its only name
+    except FileExistsError:
+        raise DestinationExists(path) from None
+    except OSError:  # a filesystem without hard links: the rename is still atomic, only the check is not
+        if os.path.lexists(path):
+            raise DestinationExists(path) from None
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = True):
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True, exclusive: bool = False):
     """Yield a temporary name beside `path` to write to; rename it onto `path` when the block succeeds.
 
     A crash or an error mid-write leaves `path` as it was (absent, or its previous complete content) and
@@ -37,6 +54,9 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True):
     without it, ext4's delayed allocation can leave a zero-length file under `path` after a power loss, since
     the rename may be journalled before the data blocks are written. It costs about 3 ms per file on this
     project's disk; callers that check what they find on restart (the sampler's images) may skip it.
+
+    With `exclusive`, a file that appeared under `path` while the block ran is never replaced: DestinationExists
+    is raised instead, and the temporary file removed.
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
@@ -46,7 +66,10 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True):
         yield tmp
         if fsync:
             fsync_path(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            _publish_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
         if fsync:
             fsync_path(folder)  # the rename is a change to the folder: make it durable too
     finally:

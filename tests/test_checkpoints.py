@@ -276,3 +276,21 @@ def test_failed_write_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         convert_module.convert(str(tmp_path / "good.ckpt"), str(tmp_path / "out.safetensors"))
     assert os.listdir(tmp_path) == ["good.ckpt"]
+
+
+def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, capsys):
+    """The existence check runs before the (slow) write; a file another process puts under --out_path meanwhile is
+    neither replaced nor removed, and the temporary file goes."""
+    save_state_dict(build_model(load_config("digits")).state_dict(), tmp_path / "good.ckpt")
+    out = tmp_path / "out.safetensors"
+    write = convert_module.write_state_dict
+
+    def racing_write(state, path, *, safetensors):
+        write(state, path, safetensors=safetensors)
+        out.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(convert_module, "write_state_dict", racing_write)
+    assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"), "--out_path", str(out)]) == 2
+    assert "appeared while converting; it was left as it is" in one_error_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"someone else's"
+    assert sorted(os.listdir(tmp_path)) == ["good.ckpt", "out.safetensors"]

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..atomic import fsync_path, temp_name
+from ..atomic import DestinationExists, atomic_path
 from ..errors import UserError
 from ..models import build_model
 from ..models.checkpoint import (
@@ -36,23 +36,6 @@ def _suffix(path: str, flag: str) -> str:
     return suffix
 
 
-def publish(tmp: str, path: str) -> None:
-    """Give the complete file `tmp` the name `path`, refusing to replace a file that appeared there meanwhile:
-    os.link fails atomically when `path` exists, where an exists-check followed by os.replace could race.
-    Like atomic_path, the data is on the disk before the name, and the name before returning (a power loss
-    never leaves a zero-length checkpoint)."""
-    fsync_path(tmp)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise UserError(f"--out_path {path} appeared while converting; it was left as it is") from None
-    except OSError:  # a filesystem without hard links: the rename is still atomic, only the check is not
-        if os.path.exists(path):
-            raise UserError(f"--out_path {path} appeared while converting; it was left as it is") from None
-        os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
 def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
     """Write the state dict in model_path to out_path in the format out_path's extension names.
 
@@ -75,15 +58,13 @@ def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
         with torch.device("meta"):  # shapes only: no memory, no initialisation, even for the 256x256 UNets
             expected = build_model(config).state_dict()
         check_state_dict(strip_data_parallel_prefix(state, expected), expected, model_path)
-    folder, name = os.path.split(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, temp_name(name))
     try:
-        write_state_dict(state, tmp, safetensors=is_safetensors(out_path))
-        publish(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        # exclusive: a file that appears under out_path meanwhile is kept; fsync'd, so a power loss never leaves a
+        # zero-length checkpoint
+        with atomic_path(out_path, exclusive=True) as tmp:
+            write_state_dict(state, tmp, safetensors=is_safetensors(out_path))
+    except DestinationExists:
+        raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
     return {"keys": len(state), "parameters": sum(v.numel() for v in state.values()),
             "bytes_in": os.path.getsize(model_path), "bytes_out": os.path.getsize(out_path)}
 
