@@ -24,6 +24,7 @@ from ..atomic import atomic_path
 from ..data import IMAGE_SUFFIXES
 from ..errors import UserError, first_line
 from ..frechet import frechet_distance, statistics
+from ..models.checkpoint import torch_load
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS}"
@@ -60,7 +61,7 @@ class InceptionFeatures:
 
         def local_weights(url, *args, **kwargs):
             # pytorch-fid would download here; the file is already in the hub cache, read as plain tensors only.
-            return torch.load(weights, map_location="cpu", weights_only=True)
+            return torch_load(weights, what="Inception weights")
 
         with mock.patch.object(inception, "load_state_dict_from_url", local_weights):
             net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
