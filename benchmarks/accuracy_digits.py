@@ -1,6 +1,6 @@
 """Sample quality on the bundled digits model: Frechet distance of classifier features, per method and step count.
 
-Every method of pndm_fast.plans.PLAN_BUILDERS samples `--num` digits at 5, 10, 20 and 50 steps from the same
+Every method of pndm_fast.METHODS samples `--num` digits at 5, 10, 20 and 50 steps from the same
 noise (image i's noise depends only on (seed, i)), so rows differ by the method alone. Each image goes through
 uint8, as the PNGs of `--runner sample` would hold it, then through the small digits classifier
 (pndm_fast/digits_classifier.py); the Frechet distance (FD) of its 64-d penultimate features is taken against all
@@ -33,7 +33,7 @@ from pndm_fast.atomic import atomic_path  # noqa: E402
 from pndm_fast.config import load_config  # noqa: E402
 from pndm_fast.frechet import frechet_distance, statistics  # noqa: E402
 from pndm_fast.images import to_uint8  # noqa: E402
-from pndm_fast.plans import PLAN_BUILDERS, build_plan  # noqa: E402
+from pndm_fast.methods import METHODS, build_plan  # noqa: E402
 from pndm_fast.runners.sample import image_shape, load_model, noise_for, resolve_model_path  # noqa: E402
 from pndm_fast.sampling import sample  # noqa: E402
 from pndm_fast.schedule import Schedule  # noqa: E402
@@ -298,12 +298,12 @@ def main(argv: list[str] | None = None, log=print) -> tuple[str, list[dict]]:
                 "label_entropy": label_entropy(pred)}
 
     rows = []
-    for method in PLAN_BUILDERS:
+    for method in METHODS:
         for steps in args.steps:
             rows.append(scored(method, steps, args.seed))
             log(f"{method:>14} {steps:>3} steps  NFE {rows[-1]['nfe']:>3}  FD {rows[-1]['fd']:.4g}")
     spread_steps = args.steps[len(args.steps) // 2]
-    spread_method = SPREAD_METHOD if SPREAD_METHOD in PLAN_BUILDERS else next(iter(PLAN_BUILDERS))
+    spread_method = SPREAD_METHOD if SPREAD_METHOD in METHODS else next(iter(METHODS))
     first = next(r for r in rows if r["method"] == spread_method and r["steps"] == spread_steps)
     second = scored(spread_method, spread_steps, args.seed2)
     extra = {"seed": args.seed, "seed2": args.seed2, "num_real": len(real), "half": len(a), "floor": floor,

@@ -1,6 +1,6 @@
 """Accuracy against steps on a Gaussian mixture, whose eps and probability-flow ODE are known exactly.
 
-Every method of pndm_fast.plans.PLAN_BUILDERS samples from the same float64 noise with the mixture's exact
+Every method of pndm_fast.METHODS samples from the same float64 noise with the mixture's exact
 eps-predictor (pndm_fast.mixture.MixtureEps), at 5, 10, 20, 50 and 100 steps, on the fused backend with a
 float64 state. Each run is compared with two float64 RK4 solutions of the ODE from the run's own start time
 seq[-1]: (a) "true", the probability-flow ODE with eps at the state's own noise level, and (b) "sampler", the ODE
@@ -24,11 +24,10 @@ import torch
 
 import common
 from pndm_fast import Schedule, load_config
-from pndm_fast.engine import PlanRunner
+from pndm_fast.grids import PAPER, TimeGrid
+from pndm_fast.methods import METHODS, build_plan
 from pndm_fast.mixture import MIXTURES, SAMPLER, TRUE, MixtureEps, exact_solutions
-from pndm_fast.plans import PLAN_BUILDERS, ddim_plan
-from pndm_fast.sampling import cached_plan, sample
-from pndm_fast.schedule import TimeSteps
+from pndm_fast.sampling import sample
 
 NAME = "accuracy_mixture"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -84,16 +83,13 @@ def rk4_steps(schedule: Schedule, start: int, refine: int) -> int:
 def run_fine_ddim(model, noise4d, schedule, steps: int):
     """DDIM at `steps` (500 or 999): ({t: x (B, d)} at the recorded times, model calls, start)."""
     if steps <= schedule.num_steps // 2:
-        plan = cached_plan(schedule, "DDIM", steps)
+        plan = build_plan(schedule, "DDIM", steps)
         traj = sample(model, noise4d, schedule, "DDIM", steps, backend="fused", return_trajectory=True)
-    else:  # skip 1 stopping at t = 998: the last time step whose transfer stays inside the table
-        plan = ddim_plan(schedule, TimeSteps(tuple(range(schedule.num_steps - 1))))
-        runner = PlanRunner(plan, model, noise4d.shape, noise4d.device, torch.float64, torch.float64, impl="torch",
-                            trajectory=True)
-        with torch.no_grad():
-            runner.run(noise4d)
-        traj = runner.trajectory
-    return states(traj, plan.times), plan.model_calls, plan.times[-1]
+    else:  # skip 1 from t = 998: the last time step whose transfer stays inside the paper's table
+        grid = TimeGrid(schedule, tuple(float(t) for t in range(schedule.num_steps - 2, -2, -1)), PAPER, "uniform")
+        plan = METHODS["DDIM"].build(grid)
+        traj = sample(model, noise4d, schedule, "DDIM", backend="fused", return_trajectory=True, timesteps=grid)
+    return states(traj, plan.seq), plan.model_calls, plan.seq[-1]
 
 
 def states(trajectory: torch.Tensor, seq: tuple[int, ...]) -> dict:
@@ -110,11 +106,11 @@ def study(mixture_name: str, mode: str, batch: int, schedule: Schedule, log) -> 
     noise = noise4d.flatten(1)
 
     runs = []  # (method label, steps, nfe, start, {t: x})
-    for method in PLAN_BUILDERS:
+    for method in METHODS:
         for steps in STEPS[mode]:
-            plan = cached_plan(schedule, method, steps)
+            plan = build_plan(schedule, method, steps)
             traj = sample(model, noise4d, schedule, method, steps, backend="fused", return_trajectory=True)
-            runs.append((method, steps, plan.model_calls, plan.times[-1], states(traj, plan.times)))
+            runs.append((method, steps, plan.model_calls, plan.seq[-1], states(traj, plan.seq)))
     for steps in DDIM_FINE[mode]:
         xs, nfe, start = run_fine_ddim(model, noise4d, schedule, steps)
         runs.append(("DDIM (fine)", steps, nfe, start, xs))

@@ -8,7 +8,8 @@ import sys
 
 from .config import load_config
 from .errors import UserError
-from .plans import PLAN_BUILDERS
+from .grids import ENDS, GRID_NAMES
+from .methods import METHODS
 from .sampling import BACKENDS
 
 MODELS = ("DDIM", "iDDPM")
@@ -28,8 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
                    "with --runner convert, the checkpoint is checked against it only when given)")
     p.add_argument("--model", choices=MODELS, help="the architecture; must agree with the config's Model.struc")
-    p.add_argument("--method", default="F-PNDM", choices=tuple(PLAN_BUILDERS))
+    p.add_argument("--method", default="F-PNDM", choices=tuple(METHODS), metavar="METHOD",
+                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     p.add_argument("--sample_step", type=int, default=50, help="number of sampling steps (the paper's sample_speed)")
+    p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
+                   help=f"time grid: {', '.join(GRID_NAMES)} (default uniform, the paper's), or increasing times "
+                        "separated by commas, e.g. 0,50,200,500,999 (the model is called at each)")
+    p.add_argument("--timesteps_end", choices=ENDS, help="where a non-uniform grid ends: zero (sigma = 0, the "
+                   "default) or min (its smallest time's level, as the paper's grid ends on ac[0])")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--image_path", default="temp/results", help="folder the PNG images are written to")
     p.add_argument("--model_path", help="checkpoint: a plain state dict (.ckpt/.pt) or .safetensors")
@@ -51,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make_stats", action="store_true",
                    help="with --runner fid: write --fid_stats from the images in --image_path instead of scoring")
     return p
+
+
+def parse_timesteps(text: str):
+    """A grid name, or comma-separated numbers (an explicit list of times)."""
+    if text in GRID_NAMES or "," not in text and not text.replace(".", "", 1).isdigit():
+        return text
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid ({', '.join(GRID_NAMES)}) nor a list of "
+                                         "numbers separated by commas") from None
 
 
 def default_device(requested: str | None) -> str:
@@ -139,11 +157,12 @@ def run(args) -> int:
         from .runners.check import run_check
 
         return run_check(config, args.model_path, device, args.method, args.sample_step, args.seed,
-                         args.batch_size or 2)
+                         args.batch_size or 2, timesteps=args.timesteps, end=args.timesteps_end)
     from .runners.sample import SampleOptions, run_sample
 
     run_sample(config, SampleOptions(
-        method=args.method, sample_step=args.sample_step, image_path=args.image_path, model_path=args.model_path,
+        method=args.method, sample_step=args.sample_step, timesteps=args.timesteps, end=args.timesteps_end,
+        image_path=args.image_path, model_path=args.model_path,
         total_num=args.total_num, batch_size=args.batch_size, seed=args.seed, device=device,
         backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, grid=args.grid,
         progress=not args.no_progress))

@@ -1,7 +1,9 @@
-"""Executors that run any plan: fused eager, and the whole loop captured in one CUDA graph.
+"""Executors that run any lowered plan: fused eager, and the whole loop captured in one CUDA graph.
 
-Buffers are allocated once per (plan, shape, dtypes) before the loop, so a step allocates nothing of its own and
-a CUDA graph sees stable addresses. Time tensors are precomputed too. The loop never reads a tensor's value on
+State buffers are allocated once per (plan, shape, dtypes) before the loop, so a step allocates nothing of its own
+beyond the network's outputs, and a CUDA graph sees stable addresses. The network's outputs are not copied: each
+forward puts its tensors straight into the operand lists of the launches that read them, and each launch lets go
+of them once it has run (so a run holds at most the history it needs). The loop never reads a tensor's value on
 the host: no .item(), no .cpu(), no branch on data.
 """
 
@@ -11,38 +13,45 @@ from typing import Callable
 
 import torch
 
+from .adapters import Caller
+from .lowering import Forward, Launch, Program
 from .ops import bind
-from .plans import STATE, Combine, ModelCall, Plan
 from .profiling import nvtx_range
 
 
 class PlanRunner:
-    """Walks a plan over buffers it owns. `x` is the state: copy the noise in, walk, read x out."""
+    """Walks a lowered program over buffers it owns. `x` is the state: copy the noise in, walk, read x out."""
 
-    def __init__(self, plan: Plan, model: Callable, shape: torch.Size, device: torch.device,
+    def __init__(self, program: Program, caller: Caller, shape: torch.Size, device: torch.device,
                  model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, impl: str = "auto",
                  nvtx: bool = False, channels_last: bool = False, trajectory: bool = False):
-        self.model, self.impl, self.nvtx = model, impl, nvtx
-        self.eps_channels = shape[1]
+        self.nvtx = nvtx
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-        def buffer(dtype, size=shape):
-            return torch.empty(size, dtype=dtype, device=device, memory_format=fmt)
+        def buffer(dtype):
+            return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
-        self.buffers = {name: buffer(state_dtype if kind == STATE else model_dtype) for name, kind in plan.buffers}
+        self.buffers = {name: buffer(state_dtype) for name in program.state}
         self.x = self.buffers["x"]
-        # The model reads its own dtype; a bf16 model gets a bf16 copy of the float32 state, made in place.
-        self.model_input = buffer(model_dtype) if model_dtype != state_dtype else None
-        call_times = {e.t for step in plan.steps for e in step if isinstance(e, ModelCall)}
-        self.times = {t: torch.full((shape[0],), t, dtype=torch.float32, device=device) for t in call_times}
-        self.trajectory = (torch.empty((len(plan.steps) + 1, *shape), dtype=state_dtype, device=device)
+        self.trajectory = (torch.empty((len(program.steps) + 1, *shape), dtype=state_dtype, device=device)
                            if trajectory else None)
-        # The plan as calls with their arguments bound: each combination is checked once, here, and launched
-        # inside the loop with no Python-side checks.
-        # Closures over the buffers, never over self: a runner must be freed as soon as its cache drops it, and a
-        # bound method in its own program would make a cycle that only the garbage collector breaks, later.
-        self.program = [[self._model_call(e) if isinstance(e, ModelCall) else self._bind(e) for e in step]
-                        for step in plan.steps]
+        # A stand-in for every slot while launches are checked once, here: the model's dtype and the run's layout.
+        stand_in = buffer(model_dtype)
+        # Which (operand list, index) pairs read the value each forward writes into a slot: resolved by walking the
+        # program in order, since a slot name is reused (a history ring) and each read sees its latest forward.
+        consumers: dict[str, list] = {}
+        self.program = []
+        for step in program.steps:
+            calls = []
+            for op in step:
+                if isinstance(op, Forward):
+                    targets = [[] for _ in op.outputs]
+                    for name, target in zip(op.outputs, targets):
+                        consumers[name] = target
+                    calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx))
+                else:
+                    calls.append(self._launch(op, consumers, stand_in, impl))
+            self.program.append(calls)
 
     def run(self, noise: torch.Tensor) -> None:
         """Sample from `noise`; the result is left in `x` (and `trajectory`, when kept)."""
@@ -50,7 +59,7 @@ class PlanRunner:
         self.walk()
 
     def walk(self) -> None:
-        """Run the whole plan from the noise already in `x`."""
+        """Run the whole program from the noise already in `x`."""
         if self.trajectory is not None:
             self.trajectory[0].copy_(self.x)
         for i, step in enumerate(self.program):
@@ -60,32 +69,47 @@ class PlanRunner:
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
 
-    def _model_call(self, call: ModelCall) -> Callable[[], None]:
-        model, model_input, nvtx, channels = self.model, self.model_input, self.nvtx, self.eps_channels
-        src, dst, t = self.buffers[call.src], self.buffers[call.dst], self.times[call.t]
-        label = f"model t={call.t:g}"
+    def _launch(self, op: Launch, consumers: dict, stand_in: torch.Tensor, impl: str) -> Callable[[], None]:
+        b = self.buffers
+        operands = [b[n] if n in b else stand_in for n in op.operands]
+        call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
+                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=impl)
+        slots = [j for j, n in enumerate(op.operands) if n not in b]
+        for j in slots:
+            consumers[op.operands[j]].append((operands, j))
+        if not slots:
+            return call
+        # Closures over lists and tensors, never over self: a runner must be freed as soon as its cache drops it,
+        # and a bound method in its own program would make a cycle that only the garbage collector breaks, later.
 
         def run() -> None:
-            x = src if model_input is None else model_input.copy_(src)
-            with nvtx_range(label, nvtx):
-                eps = model(x, t)
-            # A learned-sigma model returns 2C channels; the sampler uses the first C (the eps).
-            dst.copy_(eps[:, :channels])
+            call()
+            for j in slots:  # let go of the network's output: the next forward brings a new one
+                operands[j] = stand_in
 
         return run
 
-    def _bind(self, c: Combine):
-        b = self.buffers
-        return bind(b[c.out], self.x, [b[n] for n in c.operands], c.weights, keep_x=c.keep_x,
-                    out2=b[c.out2] if c.out2 else None, weights2=c.weights2 or None, keep_x2=c.keep_x2,
-                    impl=self.impl)
+
+def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list], nvtx: bool) -> Callable[[], None]:
+    label = f"model t={op.t:g}"
+    t = op.t
+
+    def run() -> None:
+        with nvtx_range(label, nvtx):
+            outputs = caller(src, t)
+        for out, target in zip(outputs, targets):
+            for operands, j in target:
+                operands[j] = out
+
+    return run
 
 
 class GraphRunner:
     """One CUDA graph holding the whole sampling loop, every model call and every combination.
 
     Capture warms up on a side stream first (cuDNN/cuBLAS choose algorithms and torch.compile compiles there,
-    outside the graph); replay copies the noise into the static `x` and relaunches everything in one call.
+    outside the graph); replay copies the noise into the static `x` and relaunches everything in one call. The
+    network's outputs live in the graph's private memory pool, at the addresses the capture gave them.
     """
 
     def __init__(self, runner: PlanRunner):

@@ -12,7 +12,8 @@ Time convention. The model's time input follows training: network time t means n
 reads ac[t]), where `ac` is the schedule's float32 alpha table read in float64. Fractional t (F-PNDM's
 midpoints) reads ac(t) by linear interpolation of log ac between integer indices, with ac(-1) := 1 (no noise
 before the first step), so t ranges over [-1, N - 1]. The sampler's transfer step instead places the state at
-time t at level ac[int(t) + 1] (SPEC section 3): one index later than the level the model is asked about.
+time t at level ac[int(t) + 1] (docs/design.md, "Time and noise level"): one index later than the level
+the model is asked about.
 
 The exact solutions (`exact_solutions`) integrate the probability-flow ODE in DDIM's variables,
 y = x / sqrt(a_s), sigma = sqrt((1 - a_s) / a_s), dy/dsigma = eps, where a_s is the state's own level, from the

@@ -110,7 +110,9 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     """
     weights = [float(w) for w in weights]
     weights2 = None if weights2 is None else [float(w) for w in weights2]
-    operands = list(operands)
+    # The caller's list itself is kept (not a copy): an executor may put a new tensor of the same shape, dtype and
+    # layout into an entry between calls, as the engine does with each model call's output (no copy of it).
+    operands = operands if isinstance(operands, list) else list(operands)
     impl = _check(out, x, operands, weights, out2, weights2, impl)
     args = (out, x, operands, weights, bool(keep_x), out2, weights2, bool(keep_x2))
     if x.numel() == 0:

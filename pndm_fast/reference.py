@@ -1,9 +1,11 @@
-"""The paper's transfer step and its four methods, op by op in plain PyTorch (SPEC sections 2 to 4), and two
-newer solvers from their own papers' formulas.
+"""The paper's transfer step and its four methods, op by op in plain PyTorch, and two newer solvers from their
+own papers' formulas (docs/design.md, "The reference").
 
 Slow on purpose and easy to read: this is the yardstick every fast path is measured against. It computes in
-the noise's dtype exactly as the reference implementation does, alpha table included (float32 values, cast),
-and keeps its forms such as `(1 / 24) * (...)` rather than `(...) / 24`, so float32 rounds alike.
+the noise's dtype exactly as the paper's code does, alpha table included (float32 values, cast), and keeps its
+forms such as `(1 / 24) * (...)` rather than `(...) / 24`, so float32 rounds alike. A step reads noise levels
+through `level(t)`, a 0-d tensor of the state's alpha-bar at time t on the run's grid: on the paper's grid that is
+the table entry ac[int(t) + 1], exactly as the paper's code indexes it.
 """
 
 from __future__ import annotations
@@ -12,32 +14,35 @@ from typing import Callable
 
 import torch
 
-from .schedule import Schedule
+from .grids import PAPER, TimeGrid
 
 EpsModel = Callable[[torch.Tensor, float], torch.Tensor]
 """eps = m(x, t): the UNet's noise prediction at a scalar (possibly fractional) time t."""
 
 
-def transfer(x: torch.Tensor, t: float, t_next: float, e: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+Level = Callable[[float], torch.Tensor]
+"""level(t): the alpha-bar of the state at time t, a 0-d tensor in the run's dtype."""
+
+
+def transfer(x: torch.Tensor, t: float, t_next: float, e: torch.Tensor, level: Level) -> torch.Tensor:
     """The paper's eq. 9: move x from t to t_next along the direction that eps e predicts.
 
-    `ac` is read one index later than training reads it (int(t) + 1, truncating toward zero), as the
-    reference does; the arithmetic follows the reference's order of operations so float32 rounds alike.
+    The arithmetic follows the paper's code's order of operations so float32 rounds alike.
     """
-    a = ac[int(t) + 1]
-    a_next = ac[int(t_next) + 1]
+    a = level(t)
+    a_next = level(t_next)
     x_coef = 1 / (a.sqrt() * (a.sqrt() + a_next.sqrt()))
     e_coef = 1 / (a.sqrt() * (((1 - a_next) * a).sqrt() + ((1 - a) * a_next).sqrt()))
     return x + (a_next - a) * (x_coef * x - e_coef * e)
 
 
-def ddim_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+def ddim_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
     e = m(x, t)
     history.append(e)
-    return transfer(x, t, t_next, e, ac)
+    return transfer(x, t, t_next, e, level)
 
 
-def s_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+def s_pndm_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
     """Second-order pseudo linear multistep; its first step is an improved Euler (Heun) step."""
     if history:
         history.append(m(x, t))
@@ -45,12 +50,12 @@ def s_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
     else:
         e1 = m(x, t)
         history.append(e1)
-        e2 = m(transfer(x, t, t_next, e1, ac), t_next)
+        e2 = m(transfer(x, t, t_next, e1, level), t_next)
         e = (e1 + e2) / 2
-    return transfer(x, t, t_next, e, ac)
+    return transfer(x, t, t_next, e, level)
 
 
-def f_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+def f_pndm_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
     """Fourth-order pseudo linear multistep; the first three steps are pseudo Runge-Kutta."""
     if len(history) > 2:
         history.append(m(x, t))
@@ -59,21 +64,21 @@ def f_pndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
         t_mid = (t + t_next) / 2
         e1 = m(x, t)
         history.append(e1)
-        e2 = m(transfer(x, t, t_mid, e1, ac), t_mid)
-        e3 = m(transfer(x, t, t_mid, e2, ac), t_mid)
-        e4 = m(transfer(x, t, t_next, e3, ac), t_next)
+        e2 = m(transfer(x, t, t_mid, e1, level), t_mid)
+        e3 = m(transfer(x, t, t_mid, e2, level), t_mid)
+        e4 = m(transfer(x, t, t_next, e3, level), t_next)
         e = (1 / 6) * (e1 + 2 * e2 + 2 * e3 + e4)
-    return transfer(x, t, t_next, e, ac)
+    return transfer(x, t, t_next, e, level)
 
 
-def fon_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+def fon_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
     """Classical fourth-order method on the ODE in x; history holds the derivatives, not the eps.
 
     Every stage's derivative is T(x, t, t - 1, e) - x at the step's starting x and t, as the reference
     evaluates it (so the inner stages only see their eps change, not their x or t).
     """
     def derivative(e):
-        return transfer(x, t, t - 1, e, ac) - x
+        return transfer(x, t, t - 1, e, level) - x
 
     h = t - t_next
     if len(history) > 2:
@@ -94,7 +99,7 @@ def fon_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
 # plans have an independent yardstick too.
 
 
-def ipndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
+def ipndm_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
     """iPNDM: Adams-Bashforth on the eps, its order ramping 1 -> 4 with the history; one model call per step."""
     history.append(m(x, t))
     h = history
@@ -106,23 +111,20 @@ def ipndm_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
         e = (23 * h[-1] - 16 * h[-2] + 5 * h[-3]) / 12
     else:
         e = (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
-    return transfer(x, t, t_next, e, ac)
+    return transfer(x, t, t_next, e, level)
 
 
-def dpm_solver_pp_2m_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2) on the data prediction; history holds (x0, lambda).
-
-    The noise levels are those the transfer step reads: ac at int(t) + 1.
-    """
-    def level(time):
-        a = ac[int(time) + 1]
+def dpm_solver_pp_2m_step(x, t, t_next, m: EpsModel, level: Level, history: list) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022, algorithm 2) on the data prediction; history holds (x0, lambda)."""
+    def levels(time):
+        a = level(time)
         alpha, sigma = a.sqrt(), (1 - a).sqrt()
         return alpha, sigma, torch.log(alpha / sigma)
 
-    (alpha, sigma, lam), (alpha_next, sigma_next, lam_next) = level(t), level(t_next)
+    (alpha, sigma, lam), (alpha_next, sigma_next, lam_next) = levels(t), levels(t_next)
     h = lam_next - lam
     x0 = (x - sigma * m(x, t)) / alpha
-    if history:
+    if history and bool(torch.isfinite(h)):  # a final step to sigma = 0 (h infinite) is first order
         x0_prev, lam_prev = history[-1]
         r = (lam - lam_prev) / h
         d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
@@ -132,19 +134,23 @@ def dpm_solver_pp_2m_step(x, t, t_next, m: EpsModel, ac, history: list) -> torch
     return (sigma_next / sigma) * x - alpha_next * torch.expm1(-h) * d
 
 
-STEPS = {"DDIM": ddim_step, "S-PNDM": s_pndm_step, "F-PNDM": f_pndm_step, "FON": fon_step,
-         "iPNDM": ipndm_step, "DPM-Solver++2M": dpm_solver_pp_2m_step}
-METHODS = tuple(STEPS)
+def grid_level(grid: TimeGrid, like: torch.Tensor) -> Level:
+    """level(t) for `grid` in like's dtype and device: on the paper's grid an entry of the float32 table (extended
+    by the schedule's formula one step past its end), cast; elsewhere the grid's float64 level, cast."""
+    if grid.convention == PAPER:
+        table = torch.from_numpy(grid.schedule.paper_table).float().to(device=like.device, dtype=like.dtype)
+        return lambda t: table[int(t) + 1]
+    return lambda t: torch.tensor(grid.level(t), dtype=like.dtype, device=like.device)
 
 
-def sample_reference(m: EpsModel, noise: torch.Tensor, schedule: Schedule, method: str, sample_step: int,
+def sample_reference(m: EpsModel, noise: torch.Tensor, grid: TimeGrid, step: Callable,
                      return_trajectory: bool = False) -> torch.Tensor:
-    """Run `method` from `noise`; the final x, or the (steps + 1, *noise.shape) trajectory from the noise."""
-    step = STEPS[method]
-    ac = schedule.alphas_cumprod.to(device=noise.device, dtype=noise.dtype)
+    """Run `step` (one of the functions above) over `grid` from `noise`; the final x, or the
+    (steps + 1, *noise.shape) trajectory from the noise."""
+    level = grid_level(grid, noise)
     x, history, trajectory = noise, [], [noise]
-    for t, t_next in schedule.time_steps(sample_step).pairs:
-        x = step(x, t, t_next, m, ac, history)
+    for t, t_next in grid.pairs:
+        x = step(x, t, t_next, m, level, history)
         if return_trajectory:
             trajectory.append(x)
     return torch.stack(trajectory) if return_trajectory else x

@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 import weakref
 from collections import OrderedDict
 
 import torch
 
 from . import reference
+from .adapters import Denoiser, as_denoiser
 from .engine import GraphRunner, PlanRunner
 from .errors import UserError
+from .grids import TimeGrid, make_grid
+from .lowering import lower
+from .methods import METHODS, method_record
 from .models import input_problem
-from .plans import PLAN_BUILDERS, Plan, build_plan
+from .plans import Plan
 from .profiling import nvtx_enabled
 from .schedule import Schedule
+from .compilation import _COMPILED, compiled  # noqa: F401  (compiled is part of this module's API)
 
-METHODS = tuple(PLAN_BUILDERS)
 BACKENDS = ("auto", "reference", "torch", "fused", "graph")
 """reference: the paper's formulas op by op. torch: plans with plain-torch combinations. fused: plans with the
 fused op (Triton on CUDA, C++ on CPU). graph: fused, with the whole loop in one CUDA graph (CUDA only)."""
 
-# Runners own buffers (and graphs) for one model, most recently used last; they die with it, since a runner holds
-# its model only through a weak proxy (a strong reference from the value would keep the key alive for ever).
-# Each model keeps at most `cache_limit()` runners: one per (plan, shape, dtype, ...) met, so a server sampling
-# many shapes would otherwise keep every shape's buffers (and CUDA graph pool) for as long as the model lives.
-_RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-_COMPILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# Idle runners own buffers (and graphs) for one network, most recently used last; they die with it, since a runner
+# never holds its network (the caller is handed the network for each eager run). Each network keeps at most
+# `cache_limit()` idle runners. A runner is checked out for the whole of a call, so two threads sampling the same
+# shape never share buffers (or replay one CUDA graph at once): the second builds a runner of its own.
+_RUNNERS: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
 CACHE_ENV = "PNDM_FAST_RUNNER_CACHE"
 DEFAULT_CACHE_LIMIT = 8
 _cache_limit: int | None = None  # set_cache_limit's value; None: the environment variable, else the default
@@ -54,20 +60,25 @@ def set_cache_limit(limit: int | None) -> None:
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise UserError(f"cache limit must be an integer >= 0 or None, got {limit!r}")
     _cache_limit = limit
-    for runners in list(_RUNNERS.values()):
-        _trim(runners, cache_limit())
+    with _LOCK:
+        for runners in list(_RUNNERS.values()):
+            _trim(runners, cache_limit())
 
 
 def cached_runner_count() -> int:
-    """Runners held by the cache, over every live model."""
-    return sum(len(runners) for runners in list(_RUNNERS.values()))
+    """Idle runners held by the cache, over every live model."""
+    with _LOCK:
+        return sum(len(idle) for runners in list(_RUNNERS.values()) for idle in runners.values())
 
 
 def _trim(runners: OrderedDict, limit: int) -> None:
     # Dropping the last reference frees a runner at once (no reference cycles): its buffers return to the
     # allocator and a GraphRunner's CUDA graph releases its private memory pool.
-    while len(runners) > limit:
-        runners.popitem(last=False)
+    while sum(len(idle) for idle in runners.values()) > limit:
+        key = next(iter(runners))
+        runners[key].pop(0)
+        if not runners[key]:
+            del runners[key]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -82,82 +93,101 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def cached_plan(schedule: Schedule, method: str, sample_step: int) -> Plan:
-    return build_plan(schedule, method, sample_step)
+def cached_plan(grid: TimeGrid, method: str) -> Plan:
+    return METHODS[method].build(grid)
 
 
-def model_dtype_of(model: torch.nn.Module) -> torch.dtype:
+@functools.lru_cache(maxsize=64)
+def cached_grid(schedule: Schedule, timesteps, sample_step, end) -> TimeGrid:
+    return make_grid(schedule, list(timesteps) if isinstance(timesteps, tuple) else timesteps, sample_step, end)
+
+
+def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = None,
+             end: str | None = None) -> TimeGrid:
+    """The run's grid (cached): `timesteps` a grid name or an increasing list of times."""
+    if isinstance(timesteps, TimeGrid):
+        return timesteps
+    if not isinstance(timesteps, str):
+        try:
+            timesteps = tuple(float(t) for t in timesteps)
+        except (TypeError, ValueError):
+            raise UserError(f"timesteps must be a grid name or a list of numbers, got {timesteps!r}") from None
+    try:
+        return cached_grid(schedule, timesteps, sample_step, end)
+    except TypeError:  # an unhashable sample_step or end: let make_grid say what is wrong
+        return make_grid(schedule, timesteps, sample_step, end)
+
+
+def model_dtype_of(model) -> torch.dtype:
     """The dtype the model computes in: its first parameter's, float32 for a model without parameters."""
-    for param in model.parameters():
-        return param.dtype
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            return param.dtype
     return torch.float32
 
 
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The UNet under torch.compile, prepared once per model.
+def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM", sample_step: int | None = None,
+           backend: str = "auto", return_trajectory: bool = False, *, timesteps="uniform", end: str | None = None,
+           compile: bool = False, nvtx: bool | None = None, channels_last: bool = False, impl: str = "auto",
+           check_finite: bool = True) -> torch.Tensor:
+    """Sample from `noise` (B, C, H, W) with `method` in `sample_step` steps (default 50) of the grid `timesteps`.
 
-    Models that name their `compile_regions` (both UNets here) get each such block compiled in place: regional
-    compilation compiles a repeated block once, and keeps inductor from fusing across blocks, which on the CPU
-    made a whole-model compile drift to 2.5x the float32 reference's error over a golden sampling run (the
-    blocks compiled one by one stay within it). Other models are compiled whole. Inductor's own CUDA graphs
-    stay off: the graph backend captures the whole loop itself, and nesting the two would capture twice.
-    """
-    if model not in _COMPILED:
-        options = {"dynamic": False, "options": {"triton.cudagraphs": False}}
-        regions = getattr(model, "compile_regions", None)
-        # In place (nn.Module.compile), so that no compiled wrapper holds the model from a cache keyed by it.
-        if regions is None:
-            model.compile(**options)
-        else:
-            # One block class meets many shapes (channels and resolution per level, the batch size), each a
-            # compiled variant; past dynamo's recompile limit (8) the rest would silently run eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-            for block in model.modules():
-                if isinstance(block, regions):
-                    block.compile(**options)
-        _COMPILED.add(model)
-    return model
-
-
-def sample(model: torch.nn.Module, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM",
-           sample_step: int = 50, backend: str = "reference", return_trajectory: bool = False, *,
-           compile: bool = False, nvtx: bool | None = None, channels_last: bool = False,
-           impl: str = "auto", check_finite: bool = True) -> torch.Tensor:
-    """Sample from `noise` (B, C, H, W) with `method` in `sample_step` steps.
+    `model` is a network called as model(x, t) returning eps, or a `Denoiser` (x0/v prediction, conditioning,
+    classifier-free guidance, diffusers UNets). `timesteps`: "uniform" (the paper's integer skip, the default),
+    "quadratic", "logsnr", "karras", or an increasing list of times; `end` ("zero" or "min") says where a named
+    non-uniform grid ends (pndm_fast/grids.py). `backend`: "auto" (the CUDA graph on a GPU, the fused op on a CPU),
+    "fused", "graph", "torch" (plain-torch combinations) or "reference" (the methods' own formulas, op by op).
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
-    in float32 (float64 when the noise is float64). `compile=True` compiles the model's blocks in place, once
-    (see `compiled`). `impl` picks the fused op's implementation ("auto", "triton", "cpp" or "torch").
-    Runs without autograd: sampling never needs gradients, and a captured graph must not record them.
+    in float32 (float64 when the noise or the model is float64). `compile=True` compiles the network's blocks in
+    place, once. `impl` picks the fused op's implementation ("auto", "triton", "cpp" or "torch").
+    Runs without autograd. Safe to call from several threads at once, on one model too.
 
-    The noise is checked before anything runs (UserError, one line): rank 4, a floating dtype, a non-empty
+    The inputs are checked before anything runs (UserError, one line): rank 4, a floating dtype, a non-empty
     batch, the model's device and not meta, channels and size the model takes, and finite values.
     `check_finite=False` skips the last check, the only one that reads a value back from the device (one host
     sync per call), for latency-critical callers that know their noise is finite.
     """
-    check_inputs(model, noise, schedule, method, sample_step, check_finite)
+    denoiser = as_denoiser(model)
+    record = method_record(method)
+    if not isinstance(schedule, Schedule):
+        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
+                        f"got {type(schedule).__name__}")
+    grid = grid_for(schedule, timesteps, sample_step, end)
+    if grid.steps < record.min_steps:
+        raise UserError(f"{method} needs at least {record.min_steps} steps, the grid has {grid.steps}")
+    check_inputs(denoiser, noise, check_finite)
     backend = resolve_backend(backend, noise.device)
-    net = compiled(model) if compile else model
+    module = denoiser.module
+    if compile and module is not None:
+        compiled(module)
     with torch.no_grad():
         if backend == "reference":
-            # The paper's formulas are written for float32 or float64: in float16 its alpha table loses its last
+            # The methods' formulas are written for float32 or float64: in float16 the alpha table loses its last
             # steps (ac ~ 4e-5 is subnormal there) and the run ends in NaN. Half noise runs in float32, exactly
             # like the fast backends' float32 state, and comes back in its own dtype.
             state = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
-            x = reference.sample_reference(reference_eps_model(net, noise.shape[1]), state, schedule, method,
-                                           sample_step, return_trajectory)
+            x = reference.sample_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid,
+                                           record.reference_step, return_trajectory)
             return x.to(noise.dtype)
-        runner = plan_runner(model, noise, schedule, method, sample_step, backend, return_trajectory,
-                             nvtx_enabled(nvtx), channels_last, impl)
-        runner.run(noise)
-        out = runner.trajectory if return_trajectory else runner.x
-        return out.to(noise.dtype, copy=True)
+        plan = cached_plan(grid, method)
+        owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
+                                      nvtx_enabled(nvtx), channels_last, impl)
+        try:
+            runner.caller.load(denoiser)
+            runner.run(noise)
+            out = runner.trajectory if return_trajectory else runner.x
+            result = out.to(noise.dtype, copy=True)
+        finally:
+            runner.caller.release()
+        checkin(owner, key, runner)
+        return result
 
 
-def model_device(model: torch.nn.Module) -> torch.device | None:
+def model_device(model) -> torch.device | None:
     """The device of the model's first parameter (or buffer); None for a model that holds no tensors (or a plain
-    function, which the reference backend takes)."""
+    function)."""
     if not isinstance(model, torch.nn.Module):
         return None
     for tensor in model.parameters():
@@ -167,17 +197,11 @@ def model_device(model: torch.nn.Module) -> torch.device | None:
     return None
 
 
-def check_inputs(model, noise, schedule, method, sample_step, check_finite: bool = True) -> None:
+def check_inputs(denoiser: Denoiser, noise, check_finite: bool = True) -> None:
     """Refuse what would otherwise fail deep inside torch (or run on garbage), with one line that says what to do.
 
     Reads only shapes, dtypes and devices, except the finiteness check: one reduction and one host sync.
     """
-    if not isinstance(method, str) or method not in PLAN_BUILDERS:
-        raise UserError(f"unknown method {method!r}: expected one of {', '.join(PLAN_BUILDERS)}")
-    if not isinstance(schedule, Schedule):
-        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
-                        f"got {type(schedule).__name__}")
-    schedule.time_steps(sample_step)  # refuses a step count that is not an integer from 1 to diffusion_step
     if not isinstance(noise, torch.Tensor):
         raise UserError(f"noise must be a torch.Tensor of shape (batch, channels, height, width), got "
                         f"{type(noise).__name__}; e.g. torch.randn(16, 3, 32, 32)")
@@ -191,51 +215,116 @@ def check_inputs(model, noise, schedule, method, sample_step, check_finite: bool
                         "one channel and one pixel")
     if noise.device.type == "meta":
         raise UserError("noise is on the meta device, which holds no values: draw it on the model's device")
-    device = model_device(model)
+    module = denoiser.module
+    device = model_device(module)
     if device is not None and device.type == "meta":
         raise UserError("the model's parameters are on the meta device, which holds no values: build it on a "
                         "real device (or model.to_empty(device=...)) and load a checkpoint")
     if device is not None and device != noise.device:
         raise UserError(f"the model is on {device} and the noise on {noise.device}: expected the same device; "
                         f"move the noise with noise.to('{device}')")
-    problem = input_problem(model, tuple(noise.shape))
+    for branch in ("cond", "uncond"):
+        for name, value in getattr(denoiser, branch).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != noise.shape[0]:
+                raise UserError(f"Denoiser {branch}[{name!r}] has {value.shape[0]} rows for a batch of "
+                                f"{noise.shape[0]}: expected one row per image")
+    problem = input_problem(module, tuple(noise.shape))
     if problem:
         raise UserError(problem)
     if check_finite and not bool(torch.isfinite(noise).all()):
         raise UserError("noise holds NaN or Inf: expected finite values (e.g. torch.randn); check how it was made")
 
 
-def reference_eps_model(model: torch.nn.Module, channels: int):
-    """eps = m(x, t) with t as the reference passes it: a float32 tensor of shape (batch,), all equal."""
+def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
+    """eps = m(x, t) for the reference backend, written plainly: the network at t as a float32 tensor of shape
+    (batch,), all equal; with a Denoiser, guidance as eps_u + w (eps_c - eps_u) from two separate forwards, and an
+    x0 or v prediction converted at the model's level alpha(t)."""
+    denoiser = as_denoiser(model)
+
+    def forward(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
+        times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
+        out = denoiser.net(x, times, **denoiser.model_kwargs, **kwargs)
+        if out.shape[1] == 2 * channels:
+            out = out[:, :channels]
+        out = out.to(x.dtype)
+        if denoiser.prediction == "eps":
+            return out
+        a = schedule.alpha(t)
+        alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
+        if denoiser.prediction == "x0":
+            return (x - alpha * out) / sigma
+        return sigma * x + alpha * out
+
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
-        return model(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))[:, :channels]
+        w = denoiser.guidance
+        if w == 1.0:
+            return forward(x, t, denoiser.cond)
+        eps_u = forward(x, t, denoiser.uncond)
+        return eps_u + w * (forward(x, t, denoiser.cond) - eps_u)
 
     return eps
 
 
-def plan_runner(model, noise, schedule, method, sample_step, backend, trajectory, nvtx, channels_last, impl):
-    """The runner for this model, shape, dtype and plan: built on first use and kept with the model, up to
-    `cache_limit()` runners per model, least recently used evicted first."""
-    plan = cached_plan(schedule, method, sample_step)
+def _signature(denoiser: Denoiser) -> tuple:
+    """What a runner bakes in of a Denoiser: its reading, and the shape of every input it passes (values are
+    loaded at each call)."""
+    def shape_of(kwargs: dict) -> tuple:
+        return tuple((k, ("tensor", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v))
+                     for k, v in kwargs.items())
+
+    return (denoiser.prediction, denoiser.guidance, shape_of(denoiser.cond), shape_of(denoiser.uncond),
+            shape_of(denoiser.model_kwargs), type(denoiser.net).__name__)
+
+
+def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend, trajectory, nvtx, channels_last,
+             impl):
+    """(owner, key, runner): an idle runner for this network, plan, shape and dtype, or a new one. The caller owns
+    it until `checkin`."""
+    module = denoiser.module
+    owner = module if module is not None else denoiser.net
+    model_dtype = model_dtype_of(module)
     # float64 noise or a float64 model asks for float64 throughout (the fused op computes in float32 at most, so
     # the executor then combines with plain torch); anything else keeps the state in float32.
-    state_dtype = torch.float64 if torch.float64 in (noise.dtype, model_dtype_of(model)) else torch.float32
+    state_dtype = torch.float64 if torch.float64 in (noise.dtype, model_dtype) else torch.float32
     # Buffers made under inference_mode are inference tensors, which a later no_grad call may not write into:
     # the mode keys its own runner. Compiling keys one too, so that no graph captured eagerly is replayed after.
-    key = (plan, tuple(noise.shape), noise.device, state_dtype, backend, trajectory, nvtx, channels_last, impl,
-           model in _COMPILED, torch.is_inference_mode_enabled())
-    runners = _RUNNERS.get(model)
-    if runners is None:
-        runners = _RUNNERS[model] = OrderedDict()
-    runner = runners.get(key)
-    if runner is not None:
-        runners.move_to_end(key)
-        return runner
-    runner = PlanRunner(plan, weakref.proxy(model), noise.shape, noise.device, model_dtype_of(model), state_dtype,
+    key = (plan, _signature(denoiser), tuple(noise.shape), noise.device, state_dtype, backend, trajectory, nvtx,
+           channels_last, impl, owner in _COMPILED, torch.is_inference_mode_enabled())
+    with _LOCK:
+        runners = _RUNNERS.get(owner)
+        if runners is None:
+            runners = _RUNNERS[owner] = OrderedDict()
+        idle = runners.get(key)
+        if idle:
+            runner = idle.pop()
+            if not idle:
+                del runners[key]
+            return owner, key, runner
+    program = lower(plan, denoiser, schedule)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    caller = denoiser.caller(noise.shape, model_dtype, state_dtype, noise.device, program.times, fmt)
+    runner = PlanRunner(program, caller, noise.shape, noise.device, model_dtype, state_dtype,
                         impl="torch" if backend == "torch" else impl, nvtx=nvtx, channels_last=channels_last,
                         trajectory=trajectory)
+    runner.caller = caller
     if backend == "graph":
-        runner = GraphRunner(runner)
-    runners[key] = runner
-    _trim(runners, cache_limit())
-    return runner
+        caller.load(denoiser)
+        try:
+            runner = GraphRunner(runner)
+        finally:
+            caller.release()
+        runner.caller = caller
+    return owner, key, runner
+
+
+def checkin(owner, key, runner) -> None:
+    """Give a runner back to the cache (most recently used), trimming it to `cache_limit()`."""
+    with _LOCK:
+        runners = _RUNNERS.get(owner)
+        if runners is None:
+            runners = _RUNNERS[owner] = OrderedDict()
+        runners.setdefault(key, []).append(runner)
+        runners.move_to_end(key)
+        _trim(runners, cache_limit())
+
+

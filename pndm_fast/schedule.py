@@ -1,9 +1,14 @@
-"""The noise schedule and the time steps of a sampling run (SPEC sections 1 to 3)."""
+"""The noise schedule: betas, the float32 alpha table, and the noise level at any (possibly fractional) time.
+
+Two readings of the table meet here (docs/design.md, "Time and noise level"):
+- the model's: network time t means noise level alpha(t) = ac[t] at integer t, as training noises the data;
+  between integers log ac is interpolated linearly, and alpha(-1) = 1 (no noise);
+- the paper's sampler: the state at time t sits at level ac[int(t) + 1], one index later (`paper_level`).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,84 +24,114 @@ def make_betas(kind: str, num_steps: int, beta_start: float = 1e-4, beta_end: fl
     if kind == "quad":
         return np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
     if kind == "cosine":
-        def f(s: float) -> float:
-            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return np.array([min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999) for i in range(num_steps)])
+        return np.array([_cosine_beta(i, num_steps) for i in range(num_steps)])
     raise UserError(f"unknown Schedule.type {kind!r}: expected linear, quad or cosine")
 
 
-@dataclass(frozen=True)
-class TimeSteps:
-    """The (t, t_next) pairs of a run, from the largest t down to t_next = -1 (SPEC section 2)."""
+def _cosine_beta(i: int, num_steps: int) -> float:
+    def f(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    seq: tuple[int, ...]
+    # Past the last step f(s) climbs again (cos squared beyond pi / 2): the formula's own 0.999 cap holds there.
+    if i + 1 > num_steps:
+        return 0.999
+    return min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999)
 
-    @property
-    def pairs(self) -> list[tuple[int, int]]:
-        seq_next = (-1,) + self.seq[:-1]
-        return list(zip(reversed(self.seq), reversed(seq_next)))
 
-    def __len__(self) -> int:
-        return len(self.seq)
+def next_beta(kind: str, num_steps: int, beta_start: float, beta_end: float) -> float:
+    """beta[N], the schedule's own formula one step past its last: the linear and quad spacings continued, the
+    cosine schedule's cap. The paper's sampler reads ac[N] when its first step starts at t = N - 1."""
+    if kind == "linear":
+        return beta_end + (beta_end - beta_start) / (num_steps - 1)
+    if kind == "quad":
+        root = beta_end**0.5 + (beta_end**0.5 - beta_start**0.5) / (num_steps - 1)
+        return root**2
+    return _cosine_beta(num_steps, num_steps)
 
 
 class Schedule:
-    """Betas and the float32 cumulative product `ac` the sampler reads.
+    """Betas and the float32 cumulative product `alphas_cumprod` (ac) the sampler reads.
 
     `ac` is a float32 cumprod on purpose: the reference computes it that way, and matching its outputs to 1e-6
-    needs the same rounding. Coefficients are then derived from it in float64.
+    needs the same rounding. Every coefficient is then derived from it in float64.
     """
 
-    def __init__(self, betas: np.ndarray):
+    def __init__(self, betas: np.ndarray, next_beta: float | None = None, description: str = ""):
         self.betas = torch.from_numpy(np.asarray(betas, dtype=np.float64)).float()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.num_steps = len(betas)
-        self._ac64 = self.alphas_cumprod.double().numpy()  # host-side table: coefficients never touch a tensor
+        self.description = description or f"{self.num_steps} betas from {float(self.betas[0]):g} " \
+                                          f"to {float(self.betas[-1]):g}"
+        # One entry past the table (the formula one step further, else the last beta again), in float32 like the
+        # rest: the paper's first step from t = N - 1 reads it (docs/design.md, "Every step count runs").
+        extra = float(self.betas[-1]) if next_beta is None else next_beta
+        ac_next = self.alphas_cumprod[-1:] * (1.0 - torch.tensor([extra], dtype=torch.float64).float())
+        self.paper_table = torch.cat([self.alphas_cumprod, ac_next]).double().numpy()
+        # log alpha at times -1, 0, ..., N - 1 (alpha(-1) = 1), for the model's continuous reading.
+        self._log_alpha = np.concatenate([[0.0], np.log(self.paper_table[:-1])])
 
     @classmethod
     def from_config(cls, section: dict) -> "Schedule":
         """The schedule of a config's Schedule section; bad values are refused with one line naming the key."""
         validate_schedule(section)
         kind = section.get("type", "linear")
-        schedule = cls(make_betas(kind, int(section.get("diffusion_step", 1000)),
-                                  section.get("beta_start", 1e-4), section.get("beta_end", 2e-2)))
+        start, end = section.get("beta_start", 1e-4), section.get("beta_end", 2e-2)
+        n = int(section.get("diffusion_step", 1000))
+        schedule = cls(make_betas(kind, n, start, end), next_beta(kind, n, start, end),
+                       f"{kind}, {n} steps, beta {start:g} to {end:g}")
         # The transfer coefficients (eq. 9) divide by sqrt(ac) and by sqrt(1 - ac): a table that reaches 0 in
         # float32 (large betas over many steps, e.g. beta 0.5 underflows after ~150) or never leaves 1 (betas below
         # float32's 6e-8) would divide by zero when a plan is built.
-        last, second = float(schedule.alphas_cumprod[-1]), float(schedule.alphas_cumprod[1])
+        last, second = float(schedule.paper_table[-1]), float(schedule.alphas_cumprod[1])
         if not (last > 0.0 and second < 1.0):
-            raise UserError(f"Schedule ({kind}, beta_start {section.get('beta_start', 1e-4)!r}, beta_end "
-                            f"{section.get('beta_end', 2e-2)!r}, diffusion_step {schedule.num_steps}) gives an "
+            raise UserError(f"Schedule ({kind}, beta_start {start!r}, beta_end {end!r}, diffusion_step {n}) gives an "
                             f"alpha_cumprod table from {second:g} to {last:g} in float32: expected it strictly "
                             "between 0 and 1; lower beta_end or diffusion_step, or raise beta_start")
         return schedule
 
-    def ac(self, t: float) -> float:
-        """The alpha the sampler reads for time t: ac[int(t) + 1], int() truncating toward zero (SPEC section 3)."""
-        return float(self._ac64[int(t) + 1])
+    def __repr__(self) -> str:
+        return (f"Schedule({self.description}; alpha_cumprod {float(self.alphas_cumprod[0]):.6g} at t=0 to "
+                f"{float(self.alphas_cumprod[-1]):.3g} at t={self.num_steps - 1})")
 
-    def time_steps(self, sample_step: int) -> TimeSteps:
-        """The sequence for `sample_step`, refused when it is impossible or would read past the alpha table."""
-        n = self.num_steps
-        if not isinstance(sample_step, int) or isinstance(sample_step, bool) or sample_step < 1 or sample_step > n:
-            raise UserError(f"sample_step must be an integer from 1 to {n} (the schedule's diffusion_step), "
-                            f"got {sample_step!r}")
-        skip = n // sample_step
-        seq = tuple(range(0, n, skip))
-        if seq[-1] + 1 >= n:
-            raise UserError(
-                f"sample_step {sample_step} gives time step {seq[-1]}, whose transfer step would read alpha "
-                f"index {seq[-1] + 1} past the table of {n}; choose another sample_step (e.g. {sample_step + 1})")
-        return TimeSteps(seq)
+    def alpha(self, t: float) -> float:
+        """The noise level (alpha-bar, the cumulative product) the model is asked about at time t in [-1, N - 1]:
+        ac[t] at integer t, log ac linear in between, 1 at t = -1. Float64."""
+        t = float(t)
+        if not -1.0 <= t <= self.num_steps - 1:
+            raise UserError(f"time {t:g} is outside the schedule's [-1, {self.num_steps - 1}]")
+        i = min(int(math.floor(t + 1.0)), self.num_steps)
+        frac = t + 1.0 - i
+        if frac == 0.0:  # the table itself, not exp(log()) of it
+            return 1.0 if i == 0 else float(self.paper_table[i - 1])
+        return math.exp((1.0 - frac) * self._log_alpha[i] + frac * self._log_alpha[i + 1])
+
+    def time_of(self, level: float) -> float:
+        """The inverse of `alpha`: the time in [-1, N - 1] whose level is `level` (alpha is strictly decreasing)."""
+        ascending = self._log_alpha[::-1]  # log alpha at times N - 1, ..., -1
+        times = np.arange(self.num_steps - 1, -2, -1, dtype=np.float64)
+        return float(np.interp(math.log(level), ascending, times))
+
+    def paper_level(self, t: float) -> float:
+        """The level the paper's sampler places the state at for time t: ac[int(t) + 1], int() truncating toward
+        zero, so t = -1 reads ac[0] and t = N - 1 reads the one entry past the table."""
+        return float(self.paper_table[int(t) + 1])
+
+    def ac(self, t: float) -> float:
+        """The paper's reading, `paper_level`; kept under the name the paper's code uses."""
+        return self.paper_level(t)
 
     def transfer_coefficients(self, t: float, t_next: float) -> tuple[float, float]:
-        """(A - 1, B) in float64 with T(x, t, t_next, e) = x + (A - 1) x + B e (the paper's eq. 9).
+        """(A - 1, B) of the paper's transfer step from t to t_next at its own levels (`paper_level`)."""
+        return transfer_coefficients(self.paper_level(t), self.paper_level(t_next))
 
-        A - 1 rather than A keeps the small change to x representable in float32.
-        """
-        a, a_next = self.ac(t), self.ac(t_next)
-        sa, sn = math.sqrt(a), math.sqrt(a_next)
-        a_minus_1 = (a_next - a) / (sa * (sa + sn))
-        b = -(a_next - a) / (sa * (math.sqrt((1 - a_next) * a) + math.sqrt((1 - a) * a_next)))
-        return a_minus_1, b
+
+def transfer_coefficients(a: float, a_next: float) -> tuple[float, float]:
+    """(A - 1, B) in float64 with T(x, e) = x + (A - 1) x + B e: the paper's eq. 9 from level a to level a_next.
+
+    A - 1 rather than A keeps the small change to x representable in float32. a_next = 1 (sigma = 0) is allowed:
+    the step then lands on the data prediction (x - sqrt(1 - a) e) / sqrt(a).
+    """
+    sa, sn = math.sqrt(a), math.sqrt(a_next)
+    a_minus_1 = (a_next - a) / (sa * (sa + sn))
+    b = -(a_next - a) / (sa * (math.sqrt((1 - a_next) * a) + math.sqrt((1 - a) * a_next)))
+    return a_minus_1, b

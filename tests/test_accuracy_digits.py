@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pndm_fast.config import load_config
 from pndm_fast.digits_classifier import held_out_indices, load_classifier
 from pndm_fast.frechet import frechet_distance, statistics
-from pndm_fast.plans import PLAN_BUILDERS, build_plan
+from pndm_fast.methods import METHODS, build_plan
 from pndm_fast.schedule import Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -79,7 +79,7 @@ def test_quick_run_has_a_row_for_every_method_and_reruns_from_the_cache(tmp_path
             "--plot", str(tmp_path / "fd.png")]
     text, rows = accuracy_digits.main(argv, log=lambda *_: None)
     schedule = Schedule.from_config(load_config("digits")["Schedule"])
-    assert [(r["method"], r["steps"]) for r in rows] == [(m, 2) for m in PLAN_BUILDERS]
+    assert [(r["method"], r["steps"]) for r in rows] == [(m, 2) for m in METHODS]
     for row in rows:
         assert row["nfe"] == build_plan(schedule, row["method"], 2).model_calls
         assert np.isfinite(row["fd"]) and row["fd"] > 0 and row["num"] == 8
@@ -97,5 +97,5 @@ def test_quick_run_has_a_row_for_every_method_and_reruns_from_the_cache(tmp_path
 
     monkeypatch.setattr(accuracy_digits, "sample", no_sampling)
     again = accuracy_digits.main(argv[:3] + ["--num", "6"] + argv[5:], log=lambda *_: None)[1]
-    assert [r["method"] for r in again] == list(PLAN_BUILDERS)
+    assert [r["method"] for r in again] == list(METHODS)
     assert all(r["num"] == 6 for r in again)  # a prefix of the cached 8

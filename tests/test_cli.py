@@ -89,7 +89,10 @@ BAD_INPUTS = [
     (["--model_path", "{folder}/reshaped.ckpt"], "conv_out.bias"),
     (["--sample_step", "0"], "sample_step must be an integer from 1 to 1000"),
     (["--sample_step", "1001"], "sample_step must be an integer from 1 to 1000"),
-    (["--sample_step", "333"], "past the table"),
+    (["--timesteps", "spiral"], "unknown time grid 'spiral'"),
+    (["--timesteps", "5,3"], "strictly increasing"),
+    (["--timesteps", "0,x"], "neither a grid"),
+    (["--timesteps", "uniform", "--timesteps_end", "zero"], "the uniform grid is the paper's"),
     (["--backend", "graph"], "needs a CUDA device"),
     (["--model_path", "{folder}/nan.ckpt"], "NaN or Inf"),
 ]
@@ -130,8 +133,24 @@ def test_python_dash_m_is_the_same_program(small, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote 2 images" in done.stdout and sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png"]
-    bad = subprocess.run(cmd[:-2] + ["--sample_step", "9"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(cmd[:-2] + ["--sample_step", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("extra", [["--sample_step", "333"], ["--timesteps", "karras"],
+                                   ["--timesteps", "logsnr", "--timesteps_end", "min", "--method", "DPM-Solver++2M"],
+                                   ["--timesteps", "0,250.5,999", "--method", "S-PNDM"]])
+def test_every_step_count_and_grid_samples_from_the_command_line(small, tmp_path, extra):
+    out = tmp_path / "out"
+    assert run_cli(small, "--total_num", "2", *extra, out=out) == 0
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png"]
+
+
+def test_a_folder_made_on_another_grid_is_refused(small, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(small, "--total_num", "2", out=out) == 0
+    assert run_cli(small, "--total_num", "2", "--timesteps", "karras", out=out) == 2
+    assert "timesteps 'uniform'" in capsys.readouterr().err
 
 
 def test_check_runner_passes_every_backend_here(small, capsys):

@@ -26,7 +26,8 @@ from pndm_fast.config import (
     validate_model,
 )
 from pndm_fast.models import DDIMUNet, IDDPMUNet, build_model, save_state_dict
-from pndm_fast.plans import PLAN_BUILDERS, Combine, build_plan
+from pndm_fast.methods import METHODS, build_plan
+from pndm_fast.plans import Lin
 from pndm_fast.sampling import BACKENDS
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -143,7 +144,7 @@ def test_a_mutated_config_is_either_valid_or_refused_in_one_line_naming_the_key(
     except UserError as err:
         assert_one_line_user_error(err)
         return
-    weights = [w for step in plan.steps for e in step if isinstance(e, Combine) for w in e.weights + e.weights2]
+    weights = [w for step in plan.steps for e in step if isinstance(e, Lin) for w in e.expr.terms.values()]
     assert weights and all(math.isfinite(w) for w in weights)
 
 
@@ -242,7 +243,7 @@ def flag_values(folder):
         "--seed": st.integers(-10**30, 10**30),
         "--device": st.one_of(st.sampled_from(["cpu", "cuda", "cuda:7", "cuda:-1", "meta", "xpu", "mps", "cpu:0", "",
                                                "CPU", "gpu", "cpu:x", "cuda:0:1"]), weird_text),
-        "--method": st.one_of(st.sampled_from(list(PLAN_BUILDERS)), weird_text),
+        "--method": st.one_of(st.sampled_from(list(METHODS)), weird_text),
         "--backend": st.one_of(st.sampled_from(list(BACKENDS)), weird_text),
         "--dtype": st.one_of(st.sampled_from(["fp32", "bf16", "fp16", "fp64", "int8"]), weird_text),
         "--model_path": st.sampled_from([str(folder / p) for p in ("nope.ckpt", "tiny.yml", "a_file", "", "tiny.ckpt")]
@@ -328,7 +329,7 @@ def test_sample_takes_good_noise_and_refuses_bad_noise_in_one_line(models, data)
     else:
         poison = None
     backend = data.draw(st.sampled_from(["reference", "torch", "fused"]))
-    method = data.draw(st.sampled_from(list(PLAN_BUILDERS)))
+    method = data.draw(st.sampled_from(list(METHODS)))
     try:
         x = sample(model, noise, SCHEDULE, method, 2, backend)
     except UserError as err:

@@ -6,7 +6,7 @@ from conftest import relative_l2
 
 from pndm_fast import Schedule
 from pndm_fast.models import build_model
-from pndm_fast.plans import PLAN_BUILDERS
+from pndm_fast.methods import METHODS
 from pndm_fast.sampling import sample
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the graph backend needs a CUDA device")
@@ -23,7 +23,7 @@ def model():
 
 
 @cuda
-@pytest.mark.parametrize("method", list(PLAN_BUILDERS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_graph_replay_equals_fused_eager(model, method):
     noise = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.no_grad():

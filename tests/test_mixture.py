@@ -10,9 +10,7 @@ import torch
 from pndm_fast import Schedule, UserError, load_config, sample
 from pndm_fast.mixture import (MIXTURES, SAMPLER, TRUE, GaussianMixture, MixtureEps, exact_solutions, little_images,
                                ring_2d)
-from pndm_fast.plans import PLAN_BUILDERS
-from pndm_fast.reference import METHODS as REFERENCE_METHODS
-from pndm_fast.sampling import cached_plan
+from pndm_fast.methods import METHODS, build_plan
 
 SCHEDULE = Schedule.from_config(load_config("ddim-cifar10")["Schedule"])
 
@@ -116,12 +114,12 @@ def test_exact_solution_matches_the_closed_form_flow_of_one_gaussian():
         assert rel(got[t], y * ac[t + 1].sqrt()) < 1e-10
 
 
-@pytest.mark.parametrize("method", list(PLAN_BUILDERS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_backend_runs_the_mixture_model_and_agrees(method):
     mixture = little_images()
     model = MixtureEps(mixture, SCHEDULE)
     noise = torch.randn(3, *mixture.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    backends = ("reference", "torch", "fused") if method in REFERENCE_METHODS else ("torch", "fused")
+    backends = ("reference", "torch", "fused")
     out = {b: sample(model, noise, SCHEDULE, method, 10, backend=b) for b in backends}
     for b in backends:
         assert out[b].dtype == torch.float64 and torch.isfinite(out[b]).all()
@@ -157,16 +155,16 @@ def measure_study():
     model = MixtureEps(mixture, SCHEDULE)
     noise4d = torch.randn(16, *mixture.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     noise = noise4d.flatten(1)
-    starts = [cached_plan(SCHEDULE, "DDIM", s).times[-1] for s in STEPS]
+    starts = [build_plan(SCHEDULE, "DDIM", s).seq[-1] for s in STEPS]
     exact = exact_solutions(mixture, SCHEDULE, noise, starts, h0=0.02, at=(MID,))
     mid, final = {}, {}
-    for method in PLAN_BUILDERS:
+    for method in METHODS:
         mid[method], final[method] = [], []
         for steps in STEPS:
-            plan = cached_plan(SCHEDULE, method, steps)
+            plan = build_plan(SCHEDULE, method, steps)
             traj = sample(model, noise4d, SCHEDULE, method, steps, backend="fused", return_trajectory=True)
-            ref = exact[plan.times[-1], SAMPLER]
-            mid[method].append(rel(traj[len(plan.times) - 1 - plan.times.index(MID)].flatten(1), ref[MID]))
+            ref = exact[plan.seq[-1], SAMPLER]
+            mid[method].append(rel(traj[len(plan.seq) - 1 - plan.seq.index(MID)].flatten(1), ref[MID]))
             final[method].append(rel(traj[-1].flatten(1), ref[-1]))
     return mid, final
 
@@ -176,7 +174,7 @@ def order(errors):
 
 
 # FON has no order against (b): test_fon_stalls_on_its_own_limit
-@pytest.mark.parametrize("method", [m for m in PLAN_BUILDERS if m != "FON"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "FON"])
 def test_order_against_the_sampler_convention_ode(study, method):
     mid, _ = study
     if method not in ORDER_BANDS:

@@ -6,7 +6,7 @@ from conftest import relative_l2
 
 from pndm_fast import build_model, sample
 from pndm_fast.ops import available_impls
-from pndm_fast.plans import build_plan
+from pndm_fast.methods import build_plan
 from pndm_fast.schedule import Schedule
 
 NEW_METHODS = ("iPNDM", "DPM-Solver++2M")
@@ -72,6 +72,7 @@ def test_ipndm_ramps_its_order_with_the_history():
     expected = [(1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24)]
     for k, (call, combine) in enumerate(plan.steps):
         weights = expected[min(k, 3)]
-        b = combine.weights[1] / weights[0]  # the transfer's eps coefficient
-        assert combine.weights[1:] == pytest.approx([b * w for w in weights], rel=1e-14)
-        assert combine.operands[0] == call.dst
+        eps_terms = [(name, c) for name, c in combine.expr.terms.items() if name != "x"]
+        b = eps_terms[0][1] / weights[0]  # the transfer's eps coefficient
+        assert [c for _, c in eps_terms] == pytest.approx([b * w for w in weights], rel=1e-14)
+        assert eps_terms[0][0] == call.dst

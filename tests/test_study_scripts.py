@@ -12,7 +12,7 @@ import accuracy_mixture  # noqa: E402
 import soak  # noqa: E402
 
 from pndm_fast import set_cache_limit  # noqa: E402
-from pndm_fast.plans import PLAN_BUILDERS  # noqa: E402
+from pndm_fast.methods import METHODS  # noqa: E402
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_soak_keeps_the_cache_within_its_limit(one_thread, tmp_path):
 def test_mixture_study_smoke_mode_has_an_error_row_for_every_method(one_thread, tmp_path):
     text, rows = accuracy_mixture.main(["--smoke", "--out", str(tmp_path)])
     errors = [row for row in rows if row["kind"] == "error"]
-    assert set(PLAN_BUILDERS) <= {row["method"] for row in errors} and "DDIM" in text
+    assert set(METHODS) <= {row["method"] for row in errors} and "DDIM" in text
     # a discretisation error: present, and smaller than x itself
     assert all(0 < row["err_sampler_final"] < 1 for row in errors)
     assert (tmp_path / "accuracy_mixture.json").exists()

@@ -226,3 +226,29 @@ class DDIMUNet(nn.Module):
                 h = up.upsample(h)
 
         return self.conv_out(swish(self.norm_out(h)))
+
+    def input_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why this network cannot take a (B, C, H, W) input of `shape`, or None: C = Model.in_channels and
+        H = W = Model.image_size exactly (the attention levels are placed by resolution at build time)."""
+        batch, channels, height, width = shape
+        if channels != self.out_channels_eps:
+            return (f"the model takes {self.out_channels_eps} channels (Model.in_channels), the noise has "
+                    f"{channels}; draw noise of shape (batch, {self.out_channels_eps}, H, W)")
+        if (height, width) != (self.image_size, self.image_size):
+            size = self.image_size
+            return (f"the DDIM model takes {size}x{size} images (Model.image_size), the noise is {height}x{width}; "
+                    f"draw noise of shape (batch, {channels}, {size}, {size})")
+        return lowest_level_problem(batch, height, width, self.num_resolutions - 1)
+
+
+def lowest_level_problem(batch: int, height: int, width: int, halvings: int) -> str | None:
+    """H and W must halve `halvings` times exactly, and one image alone must not shrink to 1x1: torch's group_norm
+    refuses a batch whose every channel holds a single value (batch x H x W == 1)."""
+    factor = 2**halvings
+    if height % factor or width % factor:
+        return (f"the model halves H and W {halvings} times, so both must be multiples of {factor}; the noise is "
+                f"{height}x{width}")
+    if batch * (height // factor) * (width // factor) == 1:
+        return (f"one {height}x{width} image reaches 1x1 at the model's lowest level, where GroupNorm needs more "
+                "than one value per channel; sample at least 2 images at once")
+    return None

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ddim import lowest_level_problem
+
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, dim) in float32, [cos | sin] with freq_k = exp(-ln(1e4) k / half).
@@ -235,3 +237,12 @@ class IDDPMUNet(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
         return self.out(h)
+
+    def input_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why this network cannot take a (B, C, H, W) input of `shape`, or None: C = in_channels and H, W divisible
+        by 2 ** levels, any size, since each level halves them and the up path must meet its skips."""
+        batch, channels, height, width = shape
+        if channels != self.out_channels_eps:
+            return (f"the model takes {self.out_channels_eps} channels (Model.in_channels), the noise has "
+                    f"{channels}; draw noise of shape (batch, {self.out_channels_eps}, H, W)")
+        return lowest_level_problem(batch, height, width, self.num_downsamples)

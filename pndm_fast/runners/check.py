@@ -35,19 +35,20 @@ def passes(distance: float, baseline: float) -> bool:
 
 
 def run_check(config: dict, model_path: str | None, device_name: str, method: str, sample_step: int,
-              seed: int = 0, batch: int = 2) -> int:
+              seed: int = 0, batch: int = 2, timesteps="uniform", end: str | None = None) -> int:
     """Print per-step deviations and a verdict per backend; 0 when every backend passes, else 1."""
     device = check_device(device_name)
     schedule = Schedule.from_config(config["Schedule"])
     model = load_model(config, model_path, device_name, "fp32")
     model64 = copy.deepcopy(model).double()
     noise = noise_for(range(batch), image_shape(config), seed).to(device)
+    grid = dict(timesteps=timesteps, end=end)
     with torch.inference_mode():
-        truth = sample(model64, noise.double(), schedule, method, sample_step, "reference", True)
-        runs = {"reference f32": sample(model, noise, schedule, method, sample_step, "reference", True)}
+        truth = sample(model64, noise.double(), schedule, method, sample_step, "reference", True, **grid)
+        runs = {"reference f32": sample(model, noise, schedule, method, sample_step, "reference", True, **grid)}
         for backend, impl in fast_backends(device):
             runs[f"{backend} ({impl})"] = sample(model, noise, schedule, method, sample_step, backend, True,
-                                                 impl=impl)
+                                                 impl=impl, **grid)
     distances = {name: relative_distance(traj, truth) for name, traj in runs.items()}
     names = list(distances)
     print(f"{method}, {len(truth) - 1} steps, batch {batch}: relative L2 distance to the float64 reference")

@@ -19,6 +19,8 @@ from ..atomic import remove_stale_temps
 from ..errors import UserError
 from ..images import image_grid, read_png, to_uint8, write_png_atomic
 from ..models import build_model, load_checkpoint
+from ..grids import make_grid
+from ..methods import method_record
 from ..sampling import sample
 from ..schedule import Schedule
 from ..seeds import derived_seed
@@ -30,6 +32,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class SampleOptions:
     method: str = "F-PNDM"
     sample_step: int = 50
+    timesteps: str | tuple = "uniform"
+    end: str | None = None
     image_path: str = "temp/results"
     model_path: str | None = None
     total_num: int | None = None
@@ -103,8 +107,14 @@ def check_device(device: str) -> torch.device:
 SETTINGS_KEY = "pndm-fast"  # the PNG tEXt key under which every image records the settings that made it
 # Settings that decide an image's pixels. batch_size and total_num are among them on the CPU, where the UNet
 # rounds differently by batch composition (one grey level at most); device and backend are recorded, not compared.
-COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "seed", "dtype", "total_num",
-            "batch_size")
+COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "timesteps", "seed", "dtype",
+            "total_num", "batch_size")
+
+
+def grid_label(opts: SampleOptions) -> str:
+    """The grid as recorded in each image: its name (with its end when given) or its list of times."""
+    name = opts.timesteps if isinstance(opts.timesteps, str) else ",".join(f"{t:g}" for t in opts.timesteps)
+    return name + (f":{opts.end}" if opts.end else "")
 
 
 def run_settings(config: dict, opts: SampleOptions, checkpoint: str, total: int, batch: int) -> dict:
@@ -115,7 +125,7 @@ def run_settings(config: dict, opts: SampleOptions, checkpoint: str, total: int,
     digest = hashlib.sha256(json.dumps(shape_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     real = os.path.realpath(checkpoint)
     return {"config": digest, "checkpoint": real, "checkpoint_bytes": os.path.getsize(real), "method": opts.method,
-            "sample_step": opts.sample_step, "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
+            "sample_step": opts.sample_step, "timesteps": grid_label(opts), "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
             "batch_size": batch, "device": torch.device(opts.device).type, "backend": opts.backend}
 
 
@@ -128,7 +138,8 @@ def settings_mismatch(path: str, text: dict[str, str], settings: dict) -> str | 
     except (KeyError, ValueError):
         return f"{path} exists but records no pndm-fast sampling settings, so resuming could mix runs: {advice}"
     for key in COMPARED:
-        if found.get(key) != settings[key]:
+        # Images written before grids existed were all made on the paper's grid.
+        if found.get(key, "uniform" if key == "timesteps" else None) != settings[key]:
             return (f"{path} was made with {key} {found.get(key)!r}, this run asks for {settings[key]!r}: "
                     f"{advice}")
     return None
@@ -193,7 +204,8 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
     if total < 1 or batch < 1:
         raise UserError(f"--total_num and --batch_size must be at least 1, got {total} and {batch}")
     schedule = Schedule.from_config(config["Schedule"])
-    schedule.time_steps(opts.sample_step)  # refuse an impossible step count before loading anything
+    method_record(opts.method)  # refuse an unknown method or an impossible grid before loading anything
+    make_grid(schedule, opts.timesteps, opts.sample_step, opts.end)
     joined_here = not distributed.is_initialized()
     world = distributed.init(device.type)
     device = torch.device(distributed.device_for(opts.device, world))
@@ -234,6 +246,7 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
             noise = noise_for(indices, shape, opts.seed).to(device)
             with torch.inference_mode():
                 x = sample(model, noise, schedule, opts.method, opts.sample_step, backend=opts.backend,
+                           timesteps=opts.timesteps, end=opts.end,
                            compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last)
             if not torch.isfinite(x).all():
                 raise UserError(f"the samples {indices.start}..{indices.stop - 1} hold NaN or Inf, nothing of them "

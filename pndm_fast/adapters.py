@@ -1,0 +1,233 @@
+"""Model adapters: how to call a network and how to read what it returns (docs/design.md, "Model adapters").
+
+`Denoiser(net, prediction, cond, uncond, guidance, **model_kwargs)` wraps any network called as
+`net(x, t, **kwargs)` with x (B, C, H, W) and t (B,) float times. It says:
+- what the network predicts: "eps" (the noise), "x0" (the data) or "v" (alpha eps - sigma x0); the sampler reads
+  eps = linear in (x, output) with the level the model is asked about at t (`Schedule.alpha(t)`), folded into the
+  fused combination that consumes it;
+- classifier-free guidance: eps = eps_u + w (eps_c - eps_u), the conditional inputs `cond` and unconditional
+  `uncond` run as one batched forward where they concatenate (tensors of one shape), two forwards otherwise; the
+  weights (1 - w, w) are folded into the consuming combination too, so guidance adds no pass over memory;
+- learned sigma: an output of 2C channels is read as its first C (a network that can skip the other half says so
+  with `eps_only_supported`, and is asked for eps only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .errors import UserError
+from .plans import Expr, var
+
+PREDICTIONS = ("eps", "x0", "v")
+_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+class Denoiser:
+    """A network and how to read it. `cond`/`uncond` are dicts of keyword arguments for the network (e.g.
+    cond={"y": labels}, uncond={"y": None}); `guidance` w = 1 uses cond alone, w = 0 uncond alone."""
+
+    def __init__(self, net: Callable, prediction: str = "eps", cond: dict | None = None, uncond: dict | None = None,
+                 guidance: float = 1.0, **model_kwargs: Any):
+        if not callable(net):
+            raise UserError(f"Denoiser needs a callable network net(x, t, **kwargs), got {type(net).__name__}")
+        if prediction not in PREDICTIONS:
+            raise UserError(f"unknown prediction {prediction!r}: expected one of {', '.join(PREDICTIONS)}")
+        for name, value in (("cond", cond), ("uncond", uncond)):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"Denoiser {name} must be a dict of keyword arguments for the network, got "
+                                f"{type(value).__name__}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+                or guidance < 0:
+            raise UserError(f"guidance must be a finite number >= 0 (1 is no guidance), got {guidance!r}")
+        if guidance != 1.0 and uncond is None:
+            raise UserError(f"guidance {guidance:g} needs the unconditional inputs: pass uncond={{...}} (e.g. "
+                            "uncond={'y': None}); guidance 1 uses cond alone")
+        self.net, self.prediction = net, prediction
+        self.cond, self.uncond, self.guidance = dict(cond or {}), dict(uncond or {}), float(guidance)
+        self.model_kwargs = model_kwargs
+
+    @classmethod
+    def from_diffusers(cls, unet: torch.nn.Module, prediction: str = "epsilon", **kwargs: Any) -> "Denoiser":
+        """Adapt a diffusers UNet2DModel or UNet2DConditionModel: its forward(sample, timestep, ...) returns an
+        output object, read here as its `.sample`. `prediction` takes diffusers' names (epsilon, sample,
+        v_prediction) or ours; kwargs go to Denoiser (cond={"encoder_hidden_states": ...}, guidance, ...)."""
+        prediction = _DIFFUSERS_PREDICTIONS.get(prediction, prediction)
+        return cls(DiffusersNet(unet), prediction, **kwargs)
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The torch module behind the network (for its device, dtype and input checks), if there is one."""
+        net = self.net.unet if isinstance(self.net, DiffusersNet) else self.net
+        return net if isinstance(net, torch.nn.Module) else None
+
+    @property
+    def branches(self) -> int:
+        """Network outputs per model call: 2 with guidance (conditional, unconditional), else 1."""
+        return 1 if self.guidance == 1.0 else 2
+
+    def eps_expression(self, src: str, outputs: tuple[str, ...], level: float) -> Expr:
+        """eps as a linear expression of the model's input buffer `src` and its output slots (conditional first),
+        for a call at model level `level` (alpha-bar at the call's time)."""
+        w = self.guidance
+        if w == 1.0:
+            mixed = var(outputs[0])
+        elif w == 0.0:
+            mixed = var(outputs[1])
+        else:
+            # eps_u + w (eps_c - eps_u), with the unconditional output's weight first: it is the one near 1 at w ~ 1.
+            mixed = (1.0 - w) * var(outputs[1]) + w * var(outputs[0])
+        if self.prediction == "eps":
+            return mixed
+        alpha, sigma = math.sqrt(level), math.sqrt(1.0 - level)
+        if self.prediction == "x0":  # x = alpha x0 + sigma eps
+            if sigma == 0.0:
+                raise UserError("an x0-predicting model cannot give eps at sigma = 0 (t = -1); use a grid whose "
+                                "model calls stay at t >= 0")
+            return (1.0 / sigma) * var(src) + (-alpha / sigma) * mixed
+        return sigma * var(src) + alpha * mixed  # v = alpha eps - sigma x0  =>  eps = sigma x + alpha v
+
+    def caller(self, shape: torch.Size, model_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device,
+               times, memory_format=torch.contiguous_format) -> "Caller":
+        """The runner-side caller for inputs of `shape` and the model calls' `times`."""
+        return Caller(self, shape, model_dtype, state_dtype, device, times, memory_format)
+
+    def __repr__(self) -> str:
+        extra = f", guidance={self.guidance:g}" if self.guidance != 1.0 else ""
+        return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}{extra})"
+
+
+class DiffusersNet(torch.nn.Module):
+    """A diffusers UNet called as net(x, t, **kwargs) -> tensor (its output's .sample)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.unet(x, t, return_dict=False, **kwargs)[0]
+
+
+def _concatenable(cond: dict, uncond: dict, batch: int) -> bool:
+    """Whether one forward of batch 2B can serve both branches: the same keys, each pair tensors of one shape
+    with the batch first, one dtype and device, or the same non-tensor value."""
+    if cond.keys() != uncond.keys():
+        return False
+    for key, c in cond.items():
+        u = uncond[key]
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if c.shape != u.shape or c.dtype != u.dtype or c.device != u.device or c.dim() == 0 \
+                    or c.shape[0] != batch:
+                return False
+        elif isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor) or c is not u and c != u:
+            return False
+    return True
+
+
+class Caller:
+    """Runs the network for one runner: static inputs (the model-dtype copy of x, the batched 2B input and the
+    conditioning tensors, so that a CUDA graph reads them at fixed addresses) and time tensors; returns the
+    eps-shaped outputs, checked (a wrong shape, dtype or device is one line, never a broadcast), conditional first.
+
+    The network itself is handed over by `load` for each run and dropped by `release`: a cached runner must not
+    keep its network alive.
+    """
+
+    def __init__(self, denoiser: Denoiser, shape: torch.Size, model_dtype: torch.dtype, state_dtype: torch.dtype,
+                 device: torch.device, times, memory_format):
+        self.shape, self.device, self.format = tuple(shape), device, memory_format
+        self.batch, self.channels = shape[0], shape[1]
+        guided = denoiser.branches == 2
+        self.batched = guided and _concatenable(denoiser.cond, denoiser.uncond, self.batch)
+        rows = 2 * self.batch if self.batched else self.batch
+        self.times = {t: torch.full((rows,), t, dtype=torch.float32, device=device) for t in times}
+        # The network reads its own dtype, and a batched guided call reads x twice: one static buffer for either.
+        needs_input = self.batched or model_dtype != state_dtype
+        self.input = (torch.empty((rows, *shape[1:]), dtype=model_dtype, device=device, memory_format=memory_format)
+                      if needs_input else None)
+        if self.batched:
+            branches = [{key: _static(torch.cat([c, denoiser.uncond[key]])) if isinstance(c, torch.Tensor) else c
+                         for key, c in denoiser.cond.items()}]
+        elif guided:
+            branches = [_statics(denoiser.cond), _statics(denoiser.uncond)]
+        else:
+            branches = [_statics(denoiser.cond)]
+        extra = _statics(denoiser.model_kwargs)
+        if getattr(denoiser.module, "eps_only_supported", False):
+            extra["eps_only"] = True
+        self.branch_kwargs = [{**extra, **branch} for branch in branches]
+        self.extra_keys = tuple(extra)
+        self.net = None
+
+    def load(self, denoiser: Denoiser) -> None:
+        """Hand over the network and copy this call's conditioning values into the static inputs."""
+        self.net = denoiser.net
+        sources = ([{key: (c, denoiser.uncond[key]) for key, c in denoiser.cond.items()}] if self.batched else
+                   [denoiser.cond, denoiser.uncond][:len(self.branch_kwargs)])
+        for kwargs, source in zip(self.branch_kwargs, sources):
+            for key, value in {**denoiser.model_kwargs, **source}.items():
+                static = kwargs.get(key)
+                if not isinstance(static, torch.Tensor):
+                    continue
+                if isinstance(value, tuple):
+                    static[:self.batch].copy_(value[0])
+                    static[self.batch:].copy_(value[1])
+                else:
+                    static.copy_(value)
+
+    def release(self) -> None:
+        self.net = None
+
+    def __call__(self, src: torch.Tensor, t: float) -> tuple[torch.Tensor, ...]:
+        times = self.times[t]
+        if self.batched:
+            b = self.batch
+            self.input[:b].copy_(src)
+            self.input[b:].copy_(src)
+            out = self._checked(self.net(self.input, times, **self.branch_kwargs[0]), 2 * b)
+            return out[:b], out[b:]
+        x = src if self.input is None else self.input.copy_(src)
+        return tuple(self._checked(self.net(x, times, **kwargs), self.batch) for kwargs in self.branch_kwargs)
+
+    def _checked(self, out, rows: int) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise UserError(f"the model returned a {type(out).__name__}, not a tensor: expected eps of shape "
+                            f"{(rows, *self.shape[1:])}; wrap a network that returns a tuple or an output object "
+                            "in pndm_fast.Denoiser (e.g. Denoiser.from_diffusers)")
+        c = self.channels
+        expected = (rows, *self.shape[1:])
+        if out.shape != expected:
+            learned = (rows, 2 * c, *self.shape[2:])
+            if out.shape != learned:
+                raise UserError(f"the model returned shape {tuple(out.shape)} for input {expected}: expected "
+                                f"{expected} (or {learned} with a learned sigma); nothing is broadcast")
+            out = out[:, :c]  # learned sigma: the eps half; dense when the batch is 1, else copied below
+        if out.device != self.device or out.dtype not in OUTPUT_DTYPES:
+            raise UserError(f"the model returned a {out.dtype} tensor on {out.device}: expected float32, bfloat16, "
+                            f"float16 or float64 on {self.device}")
+        if not out.is_contiguous(memory_format=self.format):
+            out = out.contiguous(memory_format=self.format)
+        return out
+
+
+def _static(value: torch.Tensor) -> torch.Tensor:
+    return value.detach().clone()
+
+
+def _statics(kwargs: dict) -> dict:
+    """Keyword arguments with every tensor replaced by a static copy (refilled by Caller.load)."""
+    return {key: _static(v) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
+
+
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def as_denoiser(model) -> Denoiser:
+    """A Denoiser as given, or a plain model(x, t) read as an unconditional eps predictor."""
+    return model if isinstance(model, Denoiser) else Denoiser(model)
+
+
+__all__ = ["Denoiser", "PREDICTIONS", "as_denoiser"]

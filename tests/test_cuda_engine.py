@@ -1,0 +1,79 @@
+"""The open engine on a real GPU: guidance, x0 models and non-uniform grids through the fused (Triton) and
+CUDA-graph backends, and threads replaying graphs. Skipped without CUDA."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import relative_l2
+from test_open_engine import TINY_DDIM, Conditional
+
+from pndm_fast import Denoiser, Schedule, build_model, sample
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000})
+
+
+@pytest.fixture(autouse=True)
+def exact_float32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    model = build_model(TINY_DDIM).eval().requires_grad_(False)
+    return model.cuda(), copy.deepcopy(model).double().cuda()
+
+
+@pytest.mark.parametrize("backend", ["fused", "graph"])
+@pytest.mark.parametrize("method,timesteps", [("DDIM", "uniform"), ("F-PNDM", "karras"), ("DPM-Solver++2M", "logsnr")])
+def test_guided_gpu_backends_stay_within_twice_the_float32_reference(nets, backend, method, timesteps):
+    model, model64 = nets
+    labels = torch.tensor([0, 4, 9], device="cuda")
+    noise = torch.randn(3, 1, 8, 8, device="cuda")
+
+    def guided(net):
+        return Denoiser(Conditional(net), cond={"y": labels}, uncond={"y": torch.full_like(labels, -1)}, guidance=3.0)
+
+    with torch.no_grad():
+        truth = sample(guided(model64), noise.double(), LINEAR, method, 10, "reference", True, timesteps=timesteps)
+        baseline = sample(guided(model), noise, LINEAR, method, 10, "reference", True, timesteps=timesteps)
+        ours = sample(guided(model), noise, LINEAR, method, 10, backend, True, timesteps=timesteps)
+        # a second call replays the captured graph with new labels: the conditioning is loaded, not baked in
+        other = torch.tensor([1, 2, 3], device="cuda")
+        again = sample(Denoiser(Conditional(model), cond={"y": other}, uncond={"y": torch.full_like(other, -1)},
+                                guidance=3.0), noise, LINEAR, method, 10, backend, timesteps=timesteps)
+        expected = sample(Denoiser(Conditional(model), cond={"y": other}, uncond={"y": torch.full_like(other, -1)},
+                                   guidance=3.0), noise, LINEAR, method, 10, "reference", timesteps=timesteps)
+    for step in range(1, len(truth)):
+        assert relative_l2(ours[step], truth[step]) <= 2 * relative_l2(baseline[step], truth[step]) + 1e-7
+    assert relative_l2(again, expected) < 1e-4
+
+
+def test_threads_replaying_graphs_of_one_model_get_their_own_results(nets):
+    model, _ = nets
+    noises = [torch.randn(2, 1, 8, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(s))
+              for s in range(4)]
+    with torch.no_grad():
+        alone = [sample(model, n, LINEAR, "F-PNDM", 6, "graph") for n in noises]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = sample(model, noises[i], LINEAR, "F-PNDM", 6, "graph")
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for i in range(4):
+        assert torch.equal(results[i], alone[i])
