@@ -155,7 +155,8 @@ def _psi(k: int, z: float) -> float:
 def dpm_solver_pp(grid, order: int = 3, lower_order_final: bool = True, exact_third: bool = False) -> list[Step]:
     """DPM-Solver++(2M) (order=2) and (3M) (order=3), data prediction D = x0.
 
-    With h = lambda_{i+1} - lambda_i and r_k = (lambda_{i-k} + ... step ratios) as in the paper, the step is
+    With h = lambda_{i+1} - lambda_i and the step ratios r0 = (lambda_i - lambda_{i-1}) / h,
+    r1 = (lambda_{i-1} - lambda_{i-2}) / h of the paper, the step is
     x_next = (sigma_n / sigma) x - alpha_n expm1(-h) D0 + corrections from the divided differences of D:
     2M: - 0.5 alpha_n expm1(-h) (D0 - D1) / r0;
     3M: + alpha_n (expm1(-h) / h + 1) D1' - alpha_n ((expm1(-h) + h) / h^2 - 1/2) D2' with D1', D2' the
@@ -397,6 +398,7 @@ def ddim(grid) -> list[Step]:
     return _eps_lagrange(grid, 1, "rho", False, 1)
 
 
+METHODS = {"dpm_solver_pp": dpm_solver_pp, "unipc": unipc, "deis": deis, "pndm_exact": pndm_exact, "ddim": ddim}
 PREDICTION = {"dpm_solver_pp": X0, "unipc": X0, "deis": EPS, "pndm_exact": EPS, "ddim": EPS}
 NOMINAL_ORDER = {  # (method, order) -> the global order of accuracy claimed by the method's paper
     **{("dpm_solver_pp", p): p for p in (1, 2, 3)},
