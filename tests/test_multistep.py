@@ -227,3 +227,18 @@ def test_published_dpm_solver_pp_3m_is_second_order_in_the_limit():
     falls like steps^-2 at large step counts, not steps^-3."""
     order = fitted_order(lambda g: (ms.dpm_solver_pp(g, 3, False), "x0"), (640, 1280, 2560))
     assert abs(order - 2) < 0.3
+
+
+@pytest.mark.parametrize("ac_end", [0.91, 0.9999])
+def test_default_pndm_exact_basis_is_the_most_accurate_at_8_to_20_steps(ac_end):
+    """The choice docs/multistep.md reports (scripts/multistep_accuracy.py): at order 4 on lambda-uniform grids from
+    ac = 4e-5, the default basis has the smallest global error of the three at every step count from 8 to 20."""
+    x = torch.linspace(-3, 3, 13, dtype=torch.float64)
+    lam_from, lam_to = 0.5 * math.log(4e-5 / (1 - 4e-5)), 0.5 * math.log(ac_end / (1 - ac_end))
+    for n in (8, 10, 12, 15, 20):
+        grid = lambda_grid(n, lam_from, lam_to)
+        errors = {}
+        for basis in ms.BASES:
+            out, _ = run_steps(ms.pndm_exact(grid, 4, basis), x, grid, gaussian_eps, "eps")
+            errors[basis] = float((out[-1] - gaussian_flow(x, grid[0], grid[-1])).abs().max())
+        assert min(errors, key=errors.get) == ms.PNDM_EXACT_DEFAULT_BASIS, (n, errors)
