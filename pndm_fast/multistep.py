@@ -53,8 +53,8 @@ from .errors import UserError
 X0, EPS = "x0", "eps"
 BASES = ("rho", "lambda", "log_sigma")
 # Measured by scripts/multistep_accuracy.py (docs/multistep.md), order 4, 8-20 steps uniform in lambda on Gaussian
-# data: the lambda basis is 4-26x more accurate than the rho basis at sigma = 0.3 (8.9e-3 vs 4.5e-2 at 10 steps)
-# and 23-100x near the data; the log-sigma basis diverges (errors up to 3.7e2), its nodes crowding at the noisy end.
+# data: the lambda basis is 3.6-26x more accurate than the rho basis at sigma = 0.3 (8.9e-3 vs 4.5e-2 at 10 steps)
+# and 23-107x near the data; the log-sigma basis diverges (errors up to 3.7e2), its nodes crowding at the noisy end.
 PNDM_EXACT_DEFAULT_BASIS = "lambda"
 
 
