@@ -8,11 +8,12 @@ builder here, one reference step there, and one `Method` record below (docs/desi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
-from . import reference
+from . import multistep, multistep_reference, reference
 from .errors import UserError
 from .grids import TimeGrid, make_grid
 from .plans import EPS, STATE, Expr, Lin, ModelCall, OnePlus, Plan, var
@@ -191,6 +192,64 @@ def dpm_solver_pp_2m_plan(grid: TimeGrid) -> Plan:
     return _plan("DPM-Solver++2M", grid, steps, buffers)
 
 
+def multistep_builder(name: str, coefficients: Callable[[list[float]], list], prediction: str, history: int):
+    """A plan builder over the float64 weights of `pndm_fast.multistep` (one linear update of the state and the
+    last `history` predictions per model call). A data prediction is stored as x0 = (x - sigma e) / alpha, written
+    in the same pass as the state update that first reads it; a corrector's state ("x_corrected", UniPC) lives in
+    buffer "xc", so the corrector is folded into the next step's combinations and costs no model call."""
+    def build(grid: TimeGrid) -> Plan:
+        steps = coefficients([grid.level(t) for t in grid.times])
+        corrected = any("x_corrected" in step.updates for step in steps)
+        ring, plan_steps = Ring("d", history), []
+        for i, ((t, _), step) in enumerate(zip(grid.pairs, steps)):
+            new = ring.push()
+            if prediction == multistep.EPS:
+                entries = [ModelCall("x", t, new)]
+            else:
+                alpha, sigma, _ = levels(grid, t)
+                entries = [ModelCall("x", t, "e"), Lin(new, (1 / alpha) * X - (sigma / alpha) * var("e"))]
+            start = "xc" if corrected and i > 0 else "x"
+            names = {"x": start, **{f"D{k}": ring[-1 - k] for k in range(len(ring))}}
+
+            def combination(update) -> Expr:
+                total = Expr()
+                for name, w in update.weights.items():
+                    total = total + (OnePlus(update.x_minus_one) if name == "x" else w) * var(names[name])
+                return total
+
+            if corrected and i == 0:  # the start state is the first corrected state: kept beside the new x
+                entries += [Lin("xc", X), Lin("x", combination(step.updates["x_next"]))]
+            elif corrected:  # the next state first (it reads the old xc), then the corrected one in place
+                entries += [Lin("x", combination(step.updates["x_next"])),
+                            Lin("xc", combination(step.updates["x_corrected"]))]
+            else:
+                entries.append(Lin("x", combination(step.updates["x_next"])))
+            plan_steps.append(tuple(entries))
+        kind = EPS if prediction == multistep.EPS else STATE
+        buffers = (("x", STATE),) + ((("xc", STATE),) if corrected else ()) + (
+            (("e", EPS),) if prediction != multistep.EPS else ()) + tuple((n, kind) for n in ring.names)
+        return _plan(name, grid, plan_steps, buffers)
+
+    return build
+
+
+def multistep_reference_run(sampler: Callable, **options) -> Callable:
+    """A whole-run reference from `pndm_fast.multistep_reference` (written op by op from each method's paper, in
+    float64): run(m, noise, grid) -> trajectory of the states the model is called at, then the final one."""
+    def run(m, noise, grid: TimeGrid):
+        levels_ = [grid.level(t) for t in grid.times]
+        time_of = dict(zip(levels_, grid.times))
+
+        def eps_fn(x, ac):
+            return m(x.to(noise.dtype), time_of[float(ac)]).double()
+
+        states = sampler(noise.double(), levels_, eps_fn, **options)
+        states = states[0] if isinstance(states, tuple) else states  # UniPC: (predicted, corrected)
+        return [x.to(noise.dtype) for x in states]
+
+    return run
+
+
 def _plan(method: str, grid: TimeGrid, steps, buffers) -> Plan:
     return Plan(method, tuple(steps), buffers, grid.times, grid.name)
 
@@ -206,6 +265,7 @@ class Method:
     order: float  # nominal order of global error in the step size
     description: str
     min_steps: int = 1
+    reference_run: Callable | None = None  # a whole-run reference, for methods whose reference is written so
 
 
 def _fon_calls(steps: int) -> int:
@@ -225,6 +285,28 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Adams-Bashforth eps ramping from order 1 to 4, one call per step (Zhang and Chen 2023)"),
     Method("DPM-Solver++2M", dpm_solver_pp_2m_plan, reference.dpm_solver_pp_2m_step, lambda s: s, 2,
            "DPM-Solver++(2M) (Lu et al. 2022): second-order multistep on the data prediction, in log-SNR"),
+    Method("PNDM-exact", multistep_builder("PNDM-exact", multistep.pndm_exact, multistep.EPS, 4), None,
+           multistep.model_calls, 4, "PNDM's pseudo linear multistep with exact weights on any grid: the Lagrange "
+           "basis in log-SNR integrated over the true step, order ramping 1 to 4, one call per step",
+           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample, order=4,
+                                                 basis=multistep.PNDM_EXACT_DEFAULT_BASIS)),
+    Method("DEIS", multistep_builder("DEIS", multistep.deis, multistep.EPS, 3), None, multistep.model_calls, 3,
+           "DEIS tAB order 3 (Zhang and Chen 2023): eps, Lagrange basis in log rho, lower-order final steps",
+           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample, order=3, basis="lambda",
+                                                 lower_order_final=True)),
+    Method("DPM-Solver++3M", multistep_builder("DPM-Solver++3M", multistep.dpm_solver_pp, multistep.X0, 3), None,
+           multistep.model_calls, 3, "DPM-Solver++(3M) (Lu et al. 2022) as published and in diffusers: third-order "
+           "multistep on the data prediction, lower-order final steps",
+           reference_run=multistep_reference_run(multistep_reference.dpm_solver_pp_sample, order=3)),
+    Method("UniPC-bh1", multistep_builder("UniPC-bh1", functools.partial(multistep.unipc, variant="bh1"),
+                                          multistep.X0, 4), None, multistep.model_calls, 3,
+           "UniPC (Zhao et al. 2023), B(h) = h, order 3: UniP predictor with the UniC corrector folded into the "
+           "next step's combination (no extra model call)",
+           reference_run=multistep_reference_run(multistep_reference.unipc_sample, order=3, variant="bh1")),
+    Method("UniPC-bh2", multistep_builder("UniPC-bh2", functools.partial(multistep.unipc, variant="bh2"),
+                                          multistep.X0, 4), None, multistep.model_calls, 3,
+           "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3, corrector folded in as UniPC-bh1",
+           reference_run=multistep_reference_run(multistep_reference.unipc_sample, order=3, variant="bh2")),
 )}
 
 

@@ -143,10 +143,13 @@ def grid_level(grid: TimeGrid, like: torch.Tensor) -> Level:
     return lambda t: torch.tensor(grid.level(t), dtype=like.dtype, device=like.device)
 
 
-def sample_reference(m: EpsModel, noise: torch.Tensor, grid: TimeGrid, step: Callable,
-                     return_trajectory: bool = False) -> torch.Tensor:
-    """Run `step` (one of the functions above) over `grid` from `noise`; the final x, or the
-    (steps + 1, *noise.shape) trajectory from the noise."""
+def sample_reference(m: EpsModel, noise: torch.Tensor, grid: TimeGrid, step: Callable | None,
+                     return_trajectory: bool = False, run: Callable | None = None) -> torch.Tensor:
+    """Run `step` (one of the functions above) over `grid` from `noise`, or `run` (a whole-run reference of
+    `pndm_fast.multistep_reference`); the final x, or the (steps + 1, *noise.shape) trajectory from the noise."""
+    if run is not None:
+        states = run(m, noise, grid)
+        return torch.stack(states) if return_trajectory else states[-1]
     level = grid_level(grid, noise)
     x, history, trajectory = noise, [], [noise]
     for t, t_next in grid.pairs:

@@ -169,7 +169,7 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM
             # like the fast backends' float32 state, and comes back in its own dtype.
             state = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
             x = reference.sample_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid,
-                                           record.reference_step, return_trajectory)
+                                           record.reference_step, return_trajectory, run=record.reference_run)
             return x.to(noise.dtype)
         plan = cached_plan(grid, method)
         owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
