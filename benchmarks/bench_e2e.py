@@ -17,7 +17,7 @@ import torch
 import common
 from pndm_fast import Schedule, build_model, build_plan, load_config, sample
 from pndm_fast.runners.sample import DTYPES, image_shape, load_model, resolve_model_path
-from pndm_fast.sampling import compiled
+from pndm_fast.compilation import compiled
 
 NAME = "e2e"
 METHOD = "F-PNDM"

@@ -10,6 +10,7 @@ from collections import OrderedDict
 import torch
 
 from . import reference
+from .compilation import compiled, _COMPILED
 from .engine import GraphRunner, PlanRunner
 from .errors import UserError
 from .models import input_problem
@@ -27,7 +28,6 @@ fused op (Triton on CUDA, C++ on CPU). graph: fused, with the whole loop in one 
 # Each model keeps at most `cache_limit()` runners: one per (plan, shape, dtype, ...) met, so a server sampling
 # many shapes would otherwise keep every shape's buffers (and CUDA graph pool) for as long as the model lives.
 _RUNNERS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-_COMPILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 CACHE_ENV = "PNDM_FAST_RUNNER_CACHE"
 DEFAULT_CACHE_LIMIT = 8
 _cache_limit: int | None = None  # set_cache_limit's value; None: the environment variable, else the default
@@ -91,32 +91,6 @@ def model_dtype_of(model: torch.nn.Module) -> torch.dtype:
     for param in model.parameters():
         return param.dtype
     return torch.float32
-
-
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The UNet under torch.compile, prepared once per model.
-
-    Models that name their `compile_regions` (both UNets here) get each such block compiled in place: regional
-    compilation compiles a repeated block once, and keeps inductor from fusing across blocks, which on the CPU
-    made a whole-model compile drift to 2.5x the float32 reference's error over a golden sampling run (the
-    blocks compiled one by one stay within it). Other models are compiled whole. Inductor's own CUDA graphs
-    stay off: the graph backend captures the whole loop itself, and nesting the two would capture twice.
-    """
-    if model not in _COMPILED:
-        options = {"dynamic": False, "options": {"triton.cudagraphs": False}}
-        regions = getattr(model, "compile_regions", None)
-        # In place (nn.Module.compile), so that no compiled wrapper holds the model from a cache keyed by it.
-        if regions is None:
-            model.compile(**options)
-        else:
-            # One block class meets many shapes (channels and resolution per level, the batch size), each a
-            # compiled variant; past dynamo's recompile limit (8) the rest would silently run eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-            for block in model.modules():
-                if isinstance(block, regions):
-                    block.compile(**options)
-        _COMPILED.add(model)
-    return model
 
 
 def sample(model: torch.nn.Module, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM",

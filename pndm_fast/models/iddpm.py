@@ -143,7 +143,7 @@ class IDDPMUNet(nn.Module):
     out_channels = 2 in_channels and the first `out_channels_eps` channels are eps.
     H and W must be divisible by 2 ** (len(channel_mult) - 1)."""
 
-    # The blocks torch.compile compiles one by one (see pndm_fast.sampling.compiled): compiling the whole UNet
+    # The blocks torch.compile compiles one by one (see pndm_fast.compilation.compiled): compiling the whole UNet
     # let inductor fuse across blocks and drift to 2.5x the float32 reference's error over a sampling run.
     compile_regions = (ResBlock, AttentionBlock, Downsample, Upsample)
 
