@@ -26,6 +26,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .kernels.constants import MAX_OPERANDS, OPERAND_CODE_NAMES, STATE_DTYPE
 from .kernels.constants import OPERAND_CODES as _OPERAND_CODES
@@ -127,7 +128,7 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
         return _nothing
     if impl == "torch":
         return functools.partial(lincomb_torch, *args)
-    if torch.compiler.is_compiling():  # traced: the registered ops are what torch.compile knows
+    if _traced(x):  # the registered ops are what torch.compile and other tracers record
         op = torch.ops.pndm_fast.lincomb_cpp_ if impl == "cpp" else torch.ops.pndm_fast.lincomb_triton_
         return functools.partial(op, *args)
     # Eager: launch the kernel itself, checked once above, skipping the op's dispatch and its per-call checks.
@@ -151,6 +152,17 @@ def _bind_cpp(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> Cal
 
 def _nothing() -> None:
     return None
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (dynamo, a dispatch mode such as FakeTensorMode, functional or fake
+    tensors), where only a registered op is recorded; a direct kernel launch would be missed or fail."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return True
+    try:
+        return x.data_ptr() == 0 and x.numel() > 0
+    except RuntimeError:  # fake and functional tensors have no data pointer
+        return True
 
 
 def _check(out, x, operands, weights, out2, weights2, impl) -> str:
