@@ -18,12 +18,13 @@ import run_all  # noqa: E402
 # Per benchmark, the measurement fields each row must carry besides common.REQUIRED_FIELDS.
 FIELDS = {
     "kernels": ("shape", "provider", "us", "us_spread", "gbps", "copy_gbps", "floor_us", "of_roofline"),
+    "launch": ("shape", "provider", "host_us", "host_us_spread", "x_add"),
     "sampler": ("batch", "provider", "model_calls", "ms_per_call", "ms_per_call_spread", "floor_ms", "x_floor"),
     "e2e": ("model", "batch", "variant", "model_calls", "latency_ms", "latency_ms_spread", "images_per_s",
             "first_s", "bound_ms", "x_bound"),
 }
 GPU = "## GPU (H100)\n\n| kept | table |\n\n## GPU bf16\nalso kept\n"
-PROVIDERS = {"kernels": {"torch-reference", "torch-compile"},
+PROVIDERS = {"kernels": {"torch-reference", "torch-compile"}, "launch": {"torch.add", "registered op", "bound"},
              "sampler": {"paper's loop", "pndm_fast reference", "pndm_fast torch", "pndm_fast fused"},
              "e2e": {"reference", "fused"}}
 
@@ -55,7 +56,7 @@ def test_results_md_has_every_table_and_keeps_gpu_sections(smoke):
     text = (smoke[0] / "RESULTS.md").read_text()
     for title, bench in run_all.BENCHES:
         assert f"## {title}" in text and f"python benchmarks/bench_{bench.NAME}.py --smoke" in text
-    assert sum(line.startswith("|---|") for line in text.splitlines()) == 3  # one table per benchmark
+    assert sum(line.startswith("|---|") for line in text.splitlines()) == len(run_all.BENCHES)  # one table each
     assert "stale" not in text
     assert text.endswith(GPU)
 
