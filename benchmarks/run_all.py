@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+import bench_compile
 import bench_e2e
 import bench_kernels
 import bench_launch
@@ -26,6 +27,7 @@ BENCHES = [
     ("Launch: host time per eager call of the fused op", bench_launch),
     ("Sampler overhead: F-PNDM with a null model", bench_sampler),
     ("End to end: F-PNDM with the DDIM UNets", bench_e2e),
+    ("torch.compile of the UNets: --compile against eager float32", bench_compile),
 ]
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 GPU_STUB = """## GPU

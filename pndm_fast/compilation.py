@@ -5,8 +5,14 @@ in place. A repeated block compiles once, and inductor cannot fuse across blocks
 whole-model compile drift to 2.5x the float32 reference's error over a golden sampling run (the blocks compiled
 one by one stay within it). Other models are compiled whole.
 
-Inductor's own CUDA graphs stay off: the graph backend captures the whole loop itself, and nesting the two
-would capture twice.
+On CUDA, inductor's own CUDA graphs stay off: the graph backend captures the whole loop itself, and nesting the
+two would capture twice.
+
+On the CPU, inductor's freezing is on: under no_grad (sampling) the weights become constants of the compiled
+graph, folded and prepacked once for oneDNN's convolutions. The digits UNet at batch 64 then runs 1.43x faster
+than eager float32 (median of 11 back-to-back pairs, 1.21x to 1.88x, 1 thread on a shared 2-core machine),
+against 1.27x (0.75x to 1.63x) without it; the C++ wrapper and channels_last added nothing measurable there.
+Freezing assumes the weights do not change after the first compiled call: compile after loading a checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ RECOMPILE_LIMIT = 128
 
 def compile_options(device_type: str) -> dict:
     """The keyword arguments of nn.Module.compile for a model on `device_type`."""
+    if device_type == "cpu":
+        return {"dynamic": False, "options": {"freezing": True}}
     return {"dynamic": False, "options": {"triton.cudagraphs": False}}
 
 

@@ -19,12 +19,14 @@ import run_all  # noqa: E402
 FIELDS = {
     "kernels": ("shape", "provider", "us", "us_spread", "gbps", "copy_gbps", "floor_us", "of_roofline"),
     "launch": ("shape", "provider", "host_us", "host_us_spread", "x_add"),
+    "compile": ("model", "batch", "variant", "compile_s", "eager_ms", "variant_ms", "speedup", "max_abs_diff"),
     "sampler": ("batch", "provider", "model_calls", "ms_per_call", "ms_per_call_spread", "floor_ms", "x_floor"),
     "e2e": ("model", "batch", "variant", "model_calls", "latency_ms", "latency_ms_spread", "images_per_s",
             "first_s", "bound_ms", "x_bound"),
 }
 GPU = "## GPU (H100)\n\n| kept | table |\n\n## GPU bf16\nalso kept\n"
 PROVIDERS = {"kernels": {"torch-reference", "torch-compile"}, "launch": {"torch.add", "registered op", "bound"},
+             "compile": {"compiled"},
              "sampler": {"paper's loop", "pndm_fast reference", "pndm_fast torch", "pndm_fast fused"},
              "e2e": {"reference", "fused"}}
 
