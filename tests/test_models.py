@@ -61,7 +61,8 @@ def test_iddpm_eps_only_is_the_eps_half_dense(channels_last):
     with torch.no_grad():
         t = torch.full((x.shape[0],), ts[2].item())
         full, only = model(x, t), model(x, t, eps_only=True)
-    assert only.shape == (3, 3, 16, 16) and (only.is_contiguous() or only.is_contiguous(memory_format=torch.channels_last))
+    dense = only.is_contiguous() or only.is_contiguous(memory_format=torch.channels_last)
+    assert only.shape == (3, 3, 16, 16) and dense
     torch.testing.assert_close(only, full[:, :3], rtol=1e-6, atol=1e-6)
     assert rel_err(only, eps[2]) <= 1e-5
 
