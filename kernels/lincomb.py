@@ -4,8 +4,9 @@
     out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional)
 
 With 4 operands the plain-torch twin (pndm_fast.ops.lincomb_torch) runs 11 kernels per output and moves
-27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny
-(~1e-3) and ``(1+w0)*x`` in fp32 would round w0 away.
+27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is
+accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny (~1e-3) and ``(1+w0)*x`` in fp32 would
+round w0 away.
 
 Layers: ``lincomb_kernel`` (the @triton.jit kernel); ``lincomb_triton`` (host wrapper: checks, BLOCK/num_warps,
 grid), called by the torch.library op in ``pndm_fast.ops`` (``pndm_fast::lincomb_triton_``); and ``bind``, which

@@ -5,8 +5,8 @@
 
 The transfer step phi(x_t, eps, t, t-d) of eq. (11) is x + (A-1)*x + B*eps with A = sqrt(a_{t-d}/a_t) close
 to 1, and the pseudo-linear-multistep eps' of eq. (12) is a fixed combination of up to 4 past eps; both are
-plans whose weights are float64 numbers computed once (pndm_fast/plans.py). The delta is accumulated in fp32 and added to x last: w[0] = A-1 is
-~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it.
+plans whose weights are float64 numbers computed once (pndm_fast/plans.py). The delta is accumulated in fp32 and
+added to x last: w[0] = A-1 is ~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it.
 
 Implementations, all writing straight into out/out2:
   "triton" - CUDA tensors (or CPU tensors with TRITON_INTERPRET=1): ``pndm_fast::lincomb_triton_``, a
