@@ -27,6 +27,8 @@ from .constants import MAX_OPERANDS, OPERAND_DTYPES, STATE_DTYPE
 # (from N elements, BLOCK, num_warps), largest first: launch_config takes the first row whose N it reaches.
 # kernels/aot.py compiles every row; benchmarks/tune_lincomb.py measures alternatives on a GPU.
 LAUNCH_CONFIGS = ((1 << 23, 4096, 8), (0, 1024, 4))
+# Why bind fell back to triton's jit launcher (None while the direct launch works); tests/test_cuda.py checks it.
+DIRECT_LAUNCH_ERROR: Optional[str] = None
 
 
 @triton.jit
@@ -142,14 +144,19 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     from triton import knobs
     from triton.runtime.driver import driver
 
-    with torch.cuda.device(x.device):
-        compiled = kernel.warmup(*args, grid=grid, **meta)  # compiles once, or finds the cached binary
-        device = driver.active.get_current_device()
-        # the launcher's arguments exactly as JITFunction.run builds them for this specialization
-        binder = kernel.device_caches[device][4]
-        bound_args, _, _ = binder(*args, **meta)
-        launch_args = tuple(bound_args.values())
-        launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    global DIRECT_LAUNCH_ERROR
+    try:
+        with torch.cuda.device(x.device):
+            compiled = kernel.warmup(*args, grid=grid, **meta)  # compiles once, or finds the cached binary
+            device = driver.active.get_current_device()
+            # the launcher's arguments exactly as JITFunction.run builds them for this specialization
+            binder = kernel.device_caches[device][4]
+            bound_args, _, _ = binder(*args, **meta)
+            launch_args = tuple(bound_args.values())
+            launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    except Exception as e:  # triton internals moved (another version): the jit path still runs, only slower
+        DIRECT_LAUNCH_ERROR = f"{type(e).__name__}: {e}"
+        return jit_call
     get_stream, grid0 = driver.active.get_current_stream, grid[0]
     runtime = knobs.runtime
 

@@ -70,6 +70,9 @@ def test_bound_launch_equals_the_registered_op_and_replays_in_a_graph(k):
     torch.ops.pndm_fast.lincomb_triton_(want, x, operands, w, True, want2, w2, False)
     out, out2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     launch = ops.bind(out, x, operands, w, True, out2, w2, False, impl="triton")
+    from pndm_fast.kernels import lincomb as kernels
+
+    assert kernels.DIRECT_LAUNCH_ERROR is None
     launch()
     assert torch.equal(out, want) and torch.equal(out2, want2)
     out.fill_(float("nan"))
