@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# What only a CUDA machine can show, in one pass that fits a short lease: the GPU tests (Triton kernel compiled
-# for the card, golden runs through the fused and graph backends, torch.compile on CUDA), the TF32 effect on a
-# golden run, the three benchmarks in --quick mode, then the whole test suite. Each stage gets what is left of
-# SECONDS, the slowest last, so a lease that runs out still returns the stages before it.
+# Every measurement that needs a CUDA card, in one run of at most 10 minutes on an H100/H200, recorded into
+# benchmarks/RESULTS.md (section "## GPU checks", by benchmarks/record_gpu.py):
+#   1. host time per eager launch of the fused op against a bare torch.add, and memcpys per call (bench_launch)
+#   2. the kernel's launch configurations against the copy roofline from 0.75 MB up (tune_lincomb)
+#   3./4. ddim-cifar10 at batch 1, 16, 256: graph+compile in fp32, channels_last, bf16 + channels_last, each
+#      against calls x one CUDA-graphed forward of the same compiled UNet (bench_e2e's graph bound)
+#   5. the GPU tests, then the whole suite, failures named
+# Each stage gets at most its own limit and what is left of SECONDS, so a short lease still records the stages
+# before it; the suite runs last.
 #
-#     bash benchmarks/gpu_checks.sh [OUT] [SECONDS]      (defaults: /tmp/gpu, 3600)
+#     bash benchmarks/gpu_checks.sh [OUT] [SECONDS]      (defaults: /tmp/gpu, 570)
 #
 # Installs the checkout in place with the machine's own torch and triton (no downloads). PNDM_GOLDEN points the
-# tests at the golden data when ../shared/golden is not beside the checkout. Logs and JSON rows go to OUT.
+# tests at the golden data when ../shared/golden is not beside the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/gpu}
-END=$((SECONDS + ${2:-3600}))
+END=$((SECONDS + ${2:-570}))
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -23,42 +28,22 @@ stage() {  # stage NAME MAX_SECONDS COMMAND...: runs COMMAND for at most MAX_SEC
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "=== $name: exit $? in $((SECONDS - start))s"
-    tail -n 25 "$OUT/$name.log"
+    tail -n 20 "$OUT/$name.log"
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', \
 triton.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 
-stage install 300 python3 -m pip install --no-deps --no-build-isolation -e .
-stage gpu_tests 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py tests/test_graph.py \
-    "tests/test_soak.py::test_evicted_graph_runners_are_freed_and_cuda_memory_stays_flat"
-stage tf32 120 python3 - <<'EOF'
-import copy, sys
-sys.path.insert(0, "tests")
-import torch
-from conftest import golden_model, golden_trajectory, relative_l2
-from pndm_fast import Schedule, sample
-model, meta = golden_model("ddim_small_linear")
-model = copy.deepcopy(model).cuda()
-schedule = Schedule.from_config(meta["Schedule"])
-for method in ("DDIM", "F-PNDM"):
-    runs = {r["dtype"]: r for r in meta["runs"] if (r["method"], r["sample_speed"]) == (method, 50)}
-    noise, _ = golden_trajectory(runs["f32"], torch.float32)
-    truth = golden_trajectory(runs["f64"], torch.float64)[1][-1]
-    for tf32 in (False, True):
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-        out = sample(model, noise.cuda(), schedule, method, 50, "fused").cpu()
-        print(f"{method} 50 steps, TF32 {'on ' if tf32 else 'off'}: final x relative L2 to float64 "
-              f"{relative_l2(out, truth):.2e}")
-EOF
-stage bench_kernels 150 python3 benchmarks/bench_kernels.py --quick --out "$OUT/kernels"
-stage bench_sampler 120 python3 benchmarks/bench_sampler.py --quick --out "$OUT/sampler"
-stage e2e_digits 200 python3 benchmarks/bench_e2e.py --quick --models digits --out "$OUT/e2e_digits"
-stage e2e_cifar10 300 python3 benchmarks/bench_e2e.py --quick --models ddim-cifar10 --out "$OUT/e2e_cifar10"
-stage compile_tests 300 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_cuda.py
-# The whole suite with a GPU present: test names as they finish, so a cut-short stage still says what failed.
+stage install 60 python3 -m pip install --no-deps --no-build-isolation -e .
+stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_cuda.py tests/test_graph.py
+stage launch 40 python3 benchmarks/bench_launch.py --quick --device cuda --out "$OUT/launch"
+stage tune 60 python3 benchmarks/tune_lincomb.py --quick --device cuda --out "$OUT/tune"
+stage e2e 200 python3 benchmarks/bench_e2e.py --quick --device cuda --models ddim-cifar10 \
+    --variants graph+compile,graph+compile+cl,graph+compile+bf16+cl --out "$OUT/e2e"
+# The whole suite with the GPU present: test names as they finish, so a cut-short stage still says what failed.
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile")
-stage full_suite 900 python3 -m pytest -v -p no:cacheprovider --tb=short -rfE $parallel
+stage full_suite 600 python3 -m pytest -v -p no:cacheprovider --tb=line -rfE $parallel
+python3 benchmarks/record_gpu.py "$OUT"
 grep -E "^(FAILED|ERROR)|(FAILED|ERROR) tests/" "$OUT/full_suite.log" | sort -u | head -60
 tar -czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz .

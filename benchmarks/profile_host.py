@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     noise = torch.randn((args.batch, *image_shape(config)), generator=torch.Generator().manual_seed(0)).to(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for variant in args.variants.split(","):
-        backend, compile_, dtype = VARIANTS[variant]
-        model = load(args.model, device, dtype)[0]
+        backend, compile_, dtype, channels_last = VARIANTS[variant]
+        model = load(args.model, device, dtype, channels_last)[0]
 
         def run():
-            out = sample(model, noise, schedule, METHOD, args.steps, backend=backend, compile=compile_)
+            out = sample(model, noise, schedule, METHOD, args.steps, backend=backend, compile=compile_,
+                         channels_last=channels_last)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return out

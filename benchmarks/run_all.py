@@ -1,4 +1,4 @@
-"""Run the three benchmarks and regenerate RESULTS.md: headlines, the machine, the versions, every table and the
+"""Run the benchmarks and regenerate RESULTS.md: headlines, the machine, the versions, every table and the
 exact commands. Sections headed `## GPU` (results recorded by hand on a GPU machine) are kept as they are.
 
     python benchmarks/run_all.py [--quick | --smoke] [--out DIR] [--device cpu|cuda]
@@ -15,15 +15,19 @@ from pathlib import Path
 
 import torch
 
+import bench_compile
 import bench_e2e
 import bench_kernels
+import bench_launch
 import bench_sampler
 import common
 
 BENCHES = [
     ("Kernels: one F-PNDM multistep update", bench_kernels),
+    ("Launch: host time per eager call of the fused op", bench_launch),
     ("Sampler overhead: F-PNDM with a null model", bench_sampler),
     ("End to end: F-PNDM with the DDIM UNets", bench_e2e),
+    ("torch.compile of the UNets: --compile against eager float32", bench_compile),
 ]
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 GPU_STUB = """## GPU

@@ -17,6 +17,8 @@ namespace py = pybind11;
 
 namespace {
 
+// Mirrors of kernels/constants.py (MAX_OPERANDS, OPERAND_CODES), exported below as MAX_OPERANDS and
+// DTYPE_CODES: pndm_fast/ops.py refuses this module when they differ from the Python constants.
 constexpr int kMaxOperands = 5;
 // Elements per inner block: 5 converted operands x 512 x 4 B = 10 KB of scratch, well inside a 32 KB L1.
 constexpr int64_t kChunk = 512;
@@ -136,7 +138,8 @@ void lincomb(uintptr_t out, uintptr_t x, const std::vector<uintptr_t>& operands,
              int64_t n, const std::vector<double>& weights, bool keep_x, uintptr_t out2,
              const std::vector<double>& weights2, bool keep_x2) {
   const size_t k = operands.size();
-  if (k > kMaxOperands) throw std::invalid_argument("at most 5 operands, got " + std::to_string(k));
+  if (k > kMaxOperands)
+    throw std::invalid_argument("at most " + std::to_string(kMaxOperands) + " operands, got " + std::to_string(k));
   if (codes.size() != k) throw std::invalid_argument("one dtype code per operand");
   if (weights.size() != k + 1) throw std::invalid_argument("need len(operands)+1 weights");
   if (out2 && weights2.size() != k + 1) throw std::invalid_argument("need len(operands)+1 weights2");
@@ -163,9 +166,16 @@ void lincomb(uintptr_t out, uintptr_t x, const std::vector<uintptr_t>& operands,
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pndm_fast CPU kernels (pybind11 + OpenMP, no torch headers)";
+  m.doc() = "pndm_fast CPU kernels (pybind11 + OpenMP, no torch headers); private: call pndm_fast.ops.lincomb";
+  m.attr("MAX_OPERANDS") = kMaxOperands;
+  py::dict codes;
+  codes["float32"] = int(kF32);
+  codes["bfloat16"] = int(kBF16);
+  codes["float16"] = int(kF16);
+  m.attr("DTYPE_CODES") = codes;
   m.def("lincomb", &lincomb, py::arg("out"), py::arg("x"), py::arg("operands"), py::arg("codes"), py::arg("n"),
         py::arg("weights"), py::arg("keep_x"), py::arg("out2"), py::arg("weights2"), py::arg("keep_x2"),
         "out[, out2] <- (x if keep_x else 0) + w[0]*x + sum_j w[j+1]*v_j over n elements; pointers are ints, "
-        "operand dtype codes 0=f32 1=bf16 2=f16, out2=0 for none.");
+        "operand dtype codes 0=f32 1=bf16 2=f16, out2=0 for none. Unchecked raw pointers: the caller "
+        "(pndm_fast.ops) checks shapes, dtypes, devices, layout and overlaps first.");
 }

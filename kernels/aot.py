@@ -11,10 +11,14 @@ import time
 import triton
 from triton.backends.compiler import GPUTarget
 
-from .lincomb import MAX_OPERANDS, lincomb_kernel
+from .constants import MAX_OPERANDS, OPERAND_DTYPES
+from .lincomb import LAUNCH_CONFIGS as _TABLE
+from .lincomb import lincomb_kernel
 
-OPERAND_TYPES = ("fp32", "bf16", "fp16")
-LAUNCH_CONFIGS = ((1024, 4), (4096, 8))  # the two (BLOCK, num_warps) of lincomb.launch_config
+# triton's names of the operand dtypes, in the constants' order
+OPERAND_TYPES = tuple({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(d)[6:]] for d in OPERAND_DTYPES)
+# every (BLOCK, num_warps) that launch_config picks, smallest first
+LAUNCH_CONFIGS = tuple(sorted((block, num_warps) for _, block, num_warps in _TABLE))
 # (KEEP_X, HAS_OUT2, KEEP_X2); KEEP_X2 is always False without out2 (see lincomb_triton)
 FLAGS = tuple((kx, h, kx2) for kx in (True, False) for h, kx2 in ((False, False), (True, True), (True, False)))
 
@@ -22,8 +26,8 @@ FLAGS = tuple((kx, h, kx2) for kx in (True, False) for h, kx2 in ((False, False)
 def specializations(full: bool = True) -> list[tuple]:
     """(num_operands, operand type, flags, (BLOCK, num_warps)) tuples.
 
-    full: every combination with one operand dtype (1 + 5*3 operand sets x 6 flag sets x 2 configs = 192).
-    Otherwise a covering set of 22: every (count, dtype) once, rotating flags and configs, plus every flag set
+    full: every combination with one operand dtype (1 + 5*3 operand sets x 6 flag sets x the launch configs;
+    192 with two). Otherwise a covering set (21 with two configs): every (count, dtype) once, rotating flags and configs, plus every flag set
     with 5 bf16 operands. Mixed operand dtypes also launch; they lower through the same per-operand code.
     """
     operand_sets = [(0, "fp32")] + [(k, t) for k in range(1, MAX_OPERANDS + 1) for t in OPERAND_TYPES]

@@ -4,23 +4,31 @@
     out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional)
 
 With 4 operands the plain-torch twin (pndm_fast.ops.lincomb_torch) runs 11 kernels per output and moves
-27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny
-(~1e-3) and ``(1+w0)*x`` in fp32 would round w0 away.
+27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is
+accumulated in fp32 and only then added to x, because w[0] = A-1 is tiny (~1e-3) and ``(1+w0)*x`` in fp32 would
+round w0 away.
 
-Three layers (STYLE 5): ``lincomb_kernel`` (the @triton.jit kernel), ``lincomb_triton`` (host wrapper:
-checks, BLOCK/num_warps, grid), and the torch.library op in ``pndm_fast.ops`` (``pndm_fast::lincomb_triton_``).
+Layers: ``lincomb_kernel`` (the @triton.jit kernel); ``lincomb_triton`` (host wrapper: checks, BLOCK/num_warps,
+grid), called by the torch.library op in ``pndm_fast.ops`` (``pndm_fast::lincomb_triton_``); and ``bind``, which
+fetches the compiled kernel once per buffer set and launches it directly (``pndm_fast.ops.bind``'s eager path).
 """
 
 import functools
 import os
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-MAX_OPERANDS = 5
-OPERAND_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .constants import MAX_OPERANDS, OPERAND_DTYPES, STATE_DTYPE
+
+# (from N elements, BLOCK, num_warps), largest first: launch_config takes the first row whose N it reaches.
+# kernels/aot.py compiles every row; benchmarks/tune_lincomb.py measures alternatives on a GPU.
+LAUNCH_CONFIGS = ((1 << 23, 4096, 8), (0, 1024, 4))
+# Why bind fell back to triton's jit launcher (None while the direct launch works); tests/test_cuda.py checks it.
+DIRECT_LAUNCH_ERROR: Optional[str] = None
 
 
 @triton.jit
@@ -91,7 +99,7 @@ def launch_config(n: int) -> tuple[int, int]:
     a 256x3x32x32 batch (786k) is then 768 programs, ~6 per SM on an H100's 132 SMs. From 8M elements on,
     4096 on 8 warps (16 per thread) quarters the number of programs to schedule.
     """
-    return (4096, 8) if n >= 1 << 23 else (1024, 4)
+    return next((block, warps) for start, block, warps in LAUNCH_CONFIGS if n >= start)
 
 
 @functools.cache
@@ -107,19 +115,67 @@ def _interpreted_kernel():
     return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
 
 
-def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False):
+def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
+                   config: Optional[tuple[int, int]] = None):
     """Host wrapper: out (and out2) <- see the module docstring; returns None and allocates nothing.
 
     All tensors have one shape and are dense with the same memory order (pndm_fast.ops checks the layout).
     out, out2, x: float32; operands: up to 5 of float32/bfloat16/float16; weights: len(operands)+1 floats.
     CUDA tensors, or CPU tensors with TRITON_INTERPRET=1. User-facing checks live in ``pndm_fast.ops``.
+    config: (BLOCK, num_warps) instead of launch_config's, for tuning.
     """
+    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config)
+    wrap_triton(kernel)[grid](*args, **meta)
+
+
+def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
+         config: Optional[tuple[int, int]] = None) -> Callable[[], None]:
+    """A no-argument launcher of one call over fixed buffers: the compiled kernel is fetched once, here.
+
+    Each call then goes straight to triton's C launcher with the argument tuple built here: no torch.library
+    dispatch, no argument binding, specialization or cache-key hashing per call (the jit path's host cost).
+    The stream is read at each call, so a CUDA graph capture on a side stream records the launch. Falls back
+    to the jit path on the interpreter, and while a launch hook (a profiler's) is installed.
+    """
+    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config)
+    jit_call = functools.partial(kernel[grid], *args, **meta)
+    if x.device.type != "cuda":
+        return jit_call
+    from triton import knobs
+    from triton.runtime.driver import driver
+
+    global DIRECT_LAUNCH_ERROR
+    try:
+        with torch.cuda.device(x.device):
+            compiled = kernel.warmup(*args, grid=grid, **meta)  # compiles once, or finds the cached binary
+            device = driver.active.get_current_device()
+            # the launcher's arguments exactly as JITFunction.run builds them for this specialization
+            binder = kernel.device_caches[device][4]
+            bound_args, _, _ = binder(*args, **meta)
+            launch_args = tuple(bound_args.values())
+            launcher, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    except Exception as e:  # triton internals moved (another version): the jit path still runs, only slower
+        DIRECT_LAUNCH_ERROR = f"{type(e).__name__}: {e}"
+        return jit_call
+    get_stream, grid0 = driver.active.get_current_stream, grid[0]
+    runtime = knobs.runtime
+
+    def launch(_keep_alive=(out, x, operands, out2)) -> None:  # the default holds the tensors behind the pointers
+        if runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+            return jit_call()
+        launcher(grid0, 1, 1, get_stream(device), function, packed, None, None, None, *launch_args)
+
+    return launch
+
+
+def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config):
+    """Check a call and return (kernel, grid, positional args, constexpr and launch keywords)."""
     k = len(operands)
     if k > MAX_OPERANDS:
         raise ValueError(f"lincomb takes at most {MAX_OPERANDS} operands, got {k}")
     if len(weights) != k + 1 or (out2 is not None and (weights2 is None or len(weights2) != k + 1)):
         raise ValueError(f"lincomb needs len(operands)+1 = {k + 1} weights per output")
-    if x.dtype != torch.float32 or out.dtype != torch.float32 or (out2 is not None and out2.dtype != torch.float32):
+    if x.dtype != STATE_DTYPE or out.dtype != STATE_DTYPE or (out2 is not None and out2.dtype != STATE_DTYPE):
         raise TypeError("lincomb_triton needs float32 x/out/out2")
     if any(v.dtype not in OPERAND_DTYPES for v in operands):
         raise TypeError("lincomb_triton operands must be float32, bfloat16 or float16")
@@ -138,13 +194,12 @@ def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=N
 
     # Dense, same memory order: the kernel walks each storage as a flat [N] array, no reshape needed.
     n = x.numel()
-    block, num_warps = launch_config(n)
+    block, num_warps = config or launch_config(n)
     v = list(operands) + [x] * (MAX_OPERANDS - k)
-    w = list(weights) + [0.0] * (MAX_OPERANDS + 1 - k - 1)
-    u = [0.0] * (MAX_OPERANDS + 1) if out2 is None else list(weights2) + [0.0] * (MAX_OPERANDS + 1 - k - 1)
+    w = list(weights) + [0.0] * (MAX_OPERANDS - k)
+    u = [0.0] * (MAX_OPERANDS + 1) if out2 is None else list(weights2) + [0.0] * (MAX_OPERANDS - k)
     has_out2 = out2 is not None
-    wrap_triton(kernel)[(triton.cdiv(n, block),)](
-        out, out2 if has_out2 else out, x, *v, *w, *u, n,
-        NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=has_out2, KEEP_X2=has_out2 and bool(keep_x2),
-        BLOCK=block, num_warps=num_warps,
-    )
+    args = (out, out2 if has_out2 else out, x, *v, *w, *u, n)
+    meta = dict(NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=has_out2, KEEP_X2=has_out2 and bool(keep_x2),
+                BLOCK=block, num_warps=num_warps)
+    return kernel, (triton.cdiv(n, block),), args, meta

@@ -140,6 +140,7 @@ class Caller:
                  device: torch.device, times, memory_format):
         self.shape, self.device, self.format = tuple(shape), device, memory_format
         self.batch, self.channels = shape[0], shape[1]
+        self.model_dtype, self.state_dtype = model_dtype, state_dtype
         guided = denoiser.branches == 2
         self.batched = guided and _concatenable(denoiser.cond, denoiser.uncond, self.batch)
         rows = 2 * self.batch if self.batched else self.batch
@@ -208,6 +209,8 @@ class Caller:
         if out.device != self.device or out.dtype not in OUTPUT_DTYPES:
             raise UserError(f"the model returned a {out.dtype} tensor on {out.device}: expected float32, bfloat16, "
                             f"float16 or float64 on {self.device}")
+        if out.dtype == torch.float64 and self.state_dtype != torch.float64:
+            out = out.to(self.model_dtype)  # the fused kernel reads float32, bfloat16 or float16 operands
         if not out.is_contiguous(memory_format=self.format):
             out = out.contiguous(memory_format=self.format)
         return out

@@ -1,4 +1,21 @@
-"""torch.compile of a sampling network, prepared once per model."""
+"""torch.compile of the UNets, prepared once per model: `compiled(model)`.
+
+Regional compilation: models that name their `compile_regions` (both UNets here) get each such block compiled
+in place. A repeated block compiles once, and inductor cannot fuse across blocks, which on the CPU made a
+whole-model compile drift to 2.5x the float32 reference's error over a golden sampling run (the blocks compiled
+one by one stay within it). Other models are compiled whole.
+
+On CUDA, inductor's own CUDA graphs stay off: the graph backend captures the whole loop itself, and nesting the
+two would capture twice.
+
+On the CPU, inductor's freezing is on: under no_grad (sampling) the weights become constants of the compiled
+graph, folded and prepacked once for oneDNN's convolutions. For the digits UNet at batch 64 on a shared 2-core
+machine (`python benchmarks/bench_compile.py --quick`, benchmarks/RESULTS.md) it was 1.24x eager float32, worst
+pair 1.17x, against 1.77x (worst 0.77x) for the blocks compiled without it, and 1.50x (worst 1.19x) with
+channels_last as well: medians whose ranges overlap under that machine's load, so the choice rests on the
+worst pair staying above 1 (also in a quieter single-thread run: 1.43x, worst 1.21x, against 1.27x, worst 0.75x).
+Freezing assumes the weights do not change after the first compiled call: compile after loading a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +23,40 @@ import weakref
 
 import torch
 
+# Models compiled in place, so that a second call (and the runner cache's key) knows; weak, so that a compiled
+# model still dies with its last user reference.
 _COMPILED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+# One block class meets many shapes (channels and resolution per level, the batch size), each a compiled
+# variant; past dynamo's default recompile limit (8) the rest would silently run eagerly.
+RECOMPILE_LIMIT = 128
+
+
+def compile_options(device_type: str) -> dict:
+    """The keyword arguments of nn.Module.compile for a model on `device_type`."""
+    if device_type == "cpu":
+        return {"dynamic": False, "options": {"freezing": True}}
+    return {"dynamic": False, "options": {"triton.cudagraphs": False}}
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The UNet under torch.compile, prepared once per model.
-
-    Models that name their `compile_regions` (both UNets here) get each such block compiled in place: regional
-    compilation compiles a repeated block once, and keeps inductor from fusing across blocks, which on the CPU
-    made a whole-model compile drift to 2.5x the float32 reference's error over a golden sampling run (the
-    blocks compiled one by one stay within it). Other models are compiled whole. Inductor's own CUDA graphs
-    stay off: the graph backend captures the whole loop itself, and nesting the two would capture twice.
-    """
+    """The model under torch.compile, compiled in place once (no wrapper holds the model from a cache keyed by
+    it); returns the model itself."""
     if model not in _COMPILED:
-        options = {"dynamic": False, "options": {"triton.cudagraphs": False}}
+        options = compile_options(_device_type(model))
         regions = getattr(model, "compile_regions", None)
-        # In place (nn.Module.compile), so that no compiled wrapper holds the model from a cache keyed by it.
         if regions is None:
             model.compile(**options)
         else:
-            # One block class meets many shapes (channels and resolution per level, the batch size), each a
-            # compiled variant; past dynamo's recompile limit (8) the rest would silently run eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             for block in model.modules():
                 if isinstance(block, regions):
                     block.compile(**options)
         _COMPILED.add(model)
     return model
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    for tensor in model.parameters():
+        return tensor.device.type
+    return "cpu"

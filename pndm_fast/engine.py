@@ -72,9 +72,10 @@ class PlanRunner:
     def _launch(self, op: Launch, consumers: dict, stand_in: torch.Tensor, impl: str) -> Callable[[], None]:
         b = self.buffers
         operands = [b[n] if n in b else stand_in for n in op.operands]
-        call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
-                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=impl)
         slots = [j for j, n in enumerate(op.operands) if n not in b]
+        call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
+                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=impl,
+                    operands_change=bool(slots))
         for j in slots:
             consumers[op.operands[j]].append((operands, j))
         if not slots:

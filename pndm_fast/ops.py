@@ -5,16 +5,20 @@
 
 The transfer step phi(x_t, eps, t, t-d) of eq. (11) is x + (A-1)*x + B*eps with A = sqrt(a_{t-d}/a_t) close
 to 1, and the pseudo-linear-multistep eps' of eq. (12) is a fixed combination of up to 4 past eps; both are
-plans of float64 weights (STYLE 1, 3). The delta is accumulated in fp32 and added to x last: w[0] = A-1 is
-~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it.
+plans whose weights are float64 numbers computed once (pndm_fast/plans.py). The delta is accumulated in fp32 and
+added to x last: w[0] = A-1 is ~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it.
 
 Implementations, all writing straight into out/out2:
   "triton" - CUDA tensors (or CPU tensors with TRITON_INTERPRET=1): ``pndm_fast::lincomb_triton_``, a
              torch.library.triton_op over kernels/lincomb.py, so torch.compile sees the kernel itself.
   "cpp"    - CPU tensors: ``pndm_fast::lincomb_cpp_``, a custom op over the pybind11/OpenMP extension
              pndm_fast._C (csrc/lincomb.cpp); opaque to torch.compile, which calls it as is.
-  "torch"  - any device, also float64: ``lincomb_torch``, the plain-PyTorch twin (STYLE 6).
+  "torch"  - any device, also float64: ``lincomb_torch``, the plain-PyTorch twin that every test compares
+             the fused kernels with.
   "auto"   - triton on CUDA, cpp on CPU when built, torch otherwise and for float64.
+
+Both registered ops check every call at their boundary (the checks of ``lincomb``), since anyone can reach them
+through torch.ops; ``bind`` checks once and then launches the kernel itself, without the op's dispatch.
 """
 
 import functools
@@ -22,18 +26,25 @@ import os
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-MAX_OPERANDS = 5
+from .kernels.constants import MAX_OPERANDS, OPERAND_CODE_NAMES, STATE_DTYPE
+from .kernels.constants import OPERAND_CODES as _OPERAND_CODES
+
 IMPLS = ("auto", "triton", "cpp", "torch")
-# dtype codes of pndm_fast._C.lincomb
-_OPERAND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_OUT_DTYPES = (torch.float32, torch.float64)
+_OUT_DTYPES = (STATE_DTYPE, torch.float64)
 
 try:
     from . import _C
 except ImportError as e:  # extension not built: cpp is unavailable, everything else works
     _C = None
     _C_ERROR = f"{type(e).__name__}: {e}"
+else:
+    # A stale build (compiled against other constants) would read the wrong operands: refuse it.
+    _built = (getattr(_C, "MAX_OPERANDS", None), dict(getattr(_C, "DTYPE_CODES", {})))
+    if _built != (MAX_OPERANDS, OPERAND_CODE_NAMES):
+        _C, _C_ERROR = None, (f"pndm_fast._C was built with (MAX_OPERANDS, DTYPE_CODES) = {_built}, not "
+                              f"{(MAX_OPERANDS, OPERAND_CODE_NAMES)}; rebuild it")
 
 _triton_lincomb = None  # pndm_fast.kernels.lincomb once _load_triton imported it
 _TRITON_ERROR = None  # why it did not import
@@ -102,11 +113,14 @@ def lincomb(
 
 
 def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
-         impl="auto") -> Callable[[], None]:
+         impl="auto", operands_change: bool = False) -> Callable[[], None]:
     """Check a lincomb call once and return a no-argument function that performs it.
 
     For executors that repeat the same combinations over fixed buffers: the Python-side checks cost more
     than the whole kernel at batch 1, so a plan pays them once, when its buffers are allocated.
+    `operands_change=True`: the caller will put other tensors (same shape and layout, any operand dtype) into
+    entries of its `operands` list between calls, as the engine does with each model call's output; the launch
+    then reads the list at each call instead of taking its pointers once.
     """
     weights = [float(w) for w in weights]
     weights2 = None if weights2 is None else [float(w) for w in weights2]
@@ -119,12 +133,55 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
         return _nothing
     if impl == "torch":
         return functools.partial(lincomb_torch, *args)
-    op = torch.ops.pndm_fast.lincomb_cpp_ if impl == "cpp" else torch.ops.pndm_fast.lincomb_triton_
-    return functools.partial(op, *args)
+    if _traced(x) or (operands_change and impl == "triton"):
+        # The registered ops are what torch.compile and other tracers record, and they read the operand list at
+        # each call; a CUDA graph replays whatever they launched at capture.
+        op = torch.ops.pndm_fast.lincomb_cpp_ if impl == "cpp" else torch.ops.pndm_fast.lincomb_triton_
+        return functools.partial(op, *args)
+    # Eager: launch the kernel itself, checked once above, skipping the op's dispatch and its per-call checks.
+    if impl == "cpp":
+        return _bind_cpp_changing(*args) if operands_change else _bind_cpp(*args)
+    return _load_triton().bind(*args)
+
+
+def _bind_cpp(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> Callable[[], None]:
+    """A call of the C++ kernel on raw pointers taken once; the closure holds the tensors, so the memory stays."""
+    pointers = (out.data_ptr(), x.data_ptr(), [v.data_ptr() for v in operands],
+                [_OPERAND_CODES.get(v.dtype, 0) for v in operands], x.numel(), list(weights), keep_x,
+                0 if out2 is None else out2.data_ptr(), list(weights2 or []), keep_x2)
+    kernel = _C.lincomb
+
+    def run(_keep_alive=(out, x, operands, out2)) -> None:  # the default holds the tensors behind the pointers
+        kernel(*pointers)
+
+    return run
+
+
+def _bind_cpp_changing(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> Callable[[], None]:
+    """A call of the C++ kernel whose operand pointers and dtype codes are read from the list at each call."""
+    head = (out.data_ptr(), x.data_ptr())
+    tail = (x.numel(), list(weights), keep_x, 0 if out2 is None else out2.data_ptr(), list(weights2 or []), keep_x2)
+    kernel, codes = _C.lincomb, _OPERAND_CODES
+
+    def run(_keep_alive=(out, x, out2)) -> None:
+        kernel(*head, [v.data_ptr() for v in operands], [codes[v.dtype] for v in operands], *tail)
+
+    return run
 
 
 def _nothing() -> None:
     return None
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether this call is being traced (dynamo, a dispatch mode such as FakeTensorMode, functional or fake
+    tensors), where only a registered op is recorded; a direct kernel launch would be missed or fail."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return True
+    try:
+        return x.data_ptr() == 0 and x.numel() > 0
+    except RuntimeError:  # fake and functional tensors have no data pointer
+        return True
 
 
 def _check(out, x, operands, weights, out2, weights2, impl) -> str:
@@ -230,8 +287,8 @@ _lib.define("lincomb_cpp_" + _SCHEMA)
 
 
 def _lincomb_cpp_impl(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> None:
-    if _C is None:
-        raise ValueError(f"lincomb: pndm_fast._C is not built ({_C_ERROR}); run `pip install -e .`")
+    # Reachable by anyone as torch.ops.pndm_fast.lincomb_cpp_: raw pointers go to C++ only after every check.
+    _check(out, x, list(operands), list(weights), out2, weights2, "cpp")
     _C.lincomb(
         out.data_ptr(), x.data_ptr(), [v.data_ptr() for v in operands], [_OPERAND_CODES[v.dtype] for v in operands],
         x.numel(), weights, keep_x, 0 if out2 is None else out2.data_ptr(), weights2 or [], keep_x2,
@@ -274,6 +331,7 @@ def _load_triton():
         keep_x2: bool,
     ) -> None:
         # Also the fake implementation (triton_op traces it); wrap_triton inside makes the launch visible.
+        _check(out, x, operands, weights, out2, weights2, "triton")
         module.lincomb_triton(out, x, operands, weights, keep_x, out2, weights2, keep_x2)
 
     _triton_lincomb = module

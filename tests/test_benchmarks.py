@@ -18,12 +18,15 @@ import run_all  # noqa: E402
 # Per benchmark, the measurement fields each row must carry besides common.REQUIRED_FIELDS.
 FIELDS = {
     "kernels": ("shape", "provider", "us", "us_spread", "gbps", "copy_gbps", "floor_us", "of_roofline"),
+    "launch": ("shape", "provider", "host_us", "host_us_spread", "x_add"),
+    "compile": ("model", "batch", "variant", "compile_s", "eager_ms", "variant_ms", "speedup", "max_abs_diff"),
     "sampler": ("batch", "provider", "model_calls", "ms_per_call", "ms_per_call_spread", "floor_ms", "x_floor"),
     "e2e": ("model", "batch", "variant", "model_calls", "latency_ms", "latency_ms_spread", "images_per_s",
             "first_s", "bound_ms", "x_bound"),
 }
 GPU = "## GPU (H100)\n\n| kept | table |\n\n## GPU bf16\nalso kept\n"
-PROVIDERS = {"kernels": {"torch-reference", "torch-compile"},
+PROVIDERS = {"kernels": {"torch-reference", "torch-compile"}, "launch": {"torch.add", "registered op", "bound"},
+             "compile": {"compiled"},
              "sampler": {"paper's loop", "pndm_fast reference", "pndm_fast torch", "pndm_fast fused"},
              "e2e": {"reference", "fused"}}
 
@@ -55,7 +58,7 @@ def test_results_md_has_every_table_and_keeps_gpu_sections(smoke):
     text = (smoke[0] / "RESULTS.md").read_text()
     for title, bench in run_all.BENCHES:
         assert f"## {title}" in text and f"python benchmarks/bench_{bench.NAME}.py --smoke" in text
-    assert sum(line.startswith("|---|") for line in text.splitlines()) == 3  # one table per benchmark
+    assert sum(line.startswith("|---|") for line in text.splitlines()) == len(run_all.BENCHES)  # one table each
     assert "stale" not in text
     assert text.endswith(GPU)
 
@@ -100,3 +103,30 @@ def test_gpu_checks_script_parses_and_names_tests_that_exist():
         assert not test or f"def {test}(" in source, f"{path}::{test} is gone"
     for bench in re.findall(r"benchmarks/(\w+\.py)", script.read_text()):
         assert (BENCHMARKS / bench).exists(), bench
+
+
+def test_record_gpu_replaces_its_section_and_names_failures(tmp_path):
+    """gpu_checks.sh's last step: tables from the stages' JSON rows, the suite's failures, one section replaced."""
+    import bench_launch
+    import record_gpu
+
+    out = tmp_path / "gpu"
+    bench_launch.main(["--smoke", "--device", "cpu", "--out", str(out / "launch")])
+    (out / "full_suite.log").write_text("FAILED tests/test_a.py::test_x - boom\nERROR tests/test_b.py::test_y\n"
+                                        "=== 2 failed, 10 passed in 3.0s ===\n")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# R\n\n## Kernels\nkeep\n\n## GPU checks\nstale table\n\n## GPU\nkept\n")
+    for _ in range(2):  # a second run replaces the section it wrote
+        record_gpu.main([str(out), "--results", str(results)])
+    text = results.read_text()
+    assert text.count("## GPU checks") == 1 and "stale table" not in text and "keep" in text and "kept" in text
+    assert "| torch.add |" in text and "python benchmarks/bench_launch.py --smoke" in text
+    assert "- tests/test_a.py::test_x" in text and "- tests/test_b.py::test_y" in text
+    assert "2 failed, 10 passed" in text and text.count("Not recorded") == 2  # tune and e2e did not run
+
+
+def test_tune_lincomb_says_it_needs_cuda(tmp_path):
+    import tune_lincomb
+
+    text, rows = tune_lincomb.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    assert rows == [] and "tuned on a CUDA device" in text

@@ -58,3 +58,33 @@ def test_compiled_model_on_the_gpu_stays_as_close_to_float64(backend):
     run = next(r for r in meta["runs"] if (r["method"], r["sample_speed"], r["dtype"]) == ("F-PNDM", 10, "f32"))
     check_backend_against_golden("ddim_small_linear", run, backend, model=copy.deepcopy(model).cuda(),
                                  device="cuda", compile=True)
+
+
+@pytest.mark.parametrize("k", [0, 2, 5])
+def test_bound_launch_equals_the_registered_op_and_replays_in_a_graph(k):
+    """ops.bind's direct launch (the compiled kernel fetched once) against the op's jit launch, bit for bit,
+    in eager mode and replayed from a CUDA graph captured on a side stream."""
+    gen = torch.Generator().manual_seed(k)
+    x, operands, w, w2 = on_cuda(make_case((3, 3, 65, 67), k, OPERAND_DTYPES["mixed"], gen))
+    want, want2 = torch.empty_like(x), torch.empty_like(x)
+    torch.ops.pndm_fast.lincomb_triton_(want, x, operands, w, True, want2, w2, False)
+    out, out2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    launch = ops.bind(out, x, operands, w, True, out2, w2, False, impl="triton")
+    from pndm_fast.kernels import lincomb as kernels
+
+    assert kernels.DIRECT_LAUNCH_ERROR is None
+    launch()
+    assert torch.equal(out, want) and torch.equal(out2, want2)
+    out.fill_(float("nan"))
+    out2.fill_(float("nan"))
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        launch()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want) and torch.equal(out2, want2)

@@ -49,6 +49,35 @@ def test_forward_matches_reference(struc):
             assert rel_err(out[:, : ref.shape[1]], ref) <= 1e-5, f"t={t}"
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_iddpm_eps_only_is_the_eps_half_dense(channels_last):
+    """eps_only computes the first C output channels alone: equal to the full output's first C channels (same
+    weights, same input to the last conv), dense, and still the reference's eps."""
+    model = small_model("iDDPM")
+    assert model.out[2].out_channels == 6 and type(model).eps_only_supported
+    x, ts, eps = golden_forward("iDDPM")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = torch.full((x.shape[0],), ts[2].item())
+        full, only = model(x, t), model(x, t, eps_only=True)
+    dense = only.is_contiguous() or only.is_contiguous(memory_format=torch.channels_last)
+    assert only.shape == (3, 3, 16, 16) and dense
+    torch.testing.assert_close(only, full[:, :3], rtol=1e-6, atol=1e-6)
+    assert rel_err(only, eps[2]) <= 1e-5
+
+
+def test_iddpm_eps_only_without_learned_sigma_is_the_whole_output():
+    config = {"Model": dict(golden_json("iddpm_small_cosine_seed1.json")["Model"], out_channels=3),
+              "Dataset": {"image_size": 16}}
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    torch.nn.init.normal_(model.out[2].weight)  # zero-initialised at build: make the output non-trivial
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x, torch.full((2,), 3.0), eps_only=True), model(x, torch.full((2,), 3.0)))
+
+
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_keys_and_shapes_match_published_checkpoints(name):
     manifest = golden_json(f"manifests/{name.replace('-', '_')}.keys.json")

@@ -1,6 +1,6 @@
 """pndm_fast.ops.lincomb: torch and C++ paths against float64 truth, errors, torch.compile (triton: test_ops_triton.py).
 
-Three-way check (STYLE 6): an implementation's max error against float64 math on the same inputs must be at
+Three-way check: an implementation's max error against float64 math on the same inputs must be at
 most twice the error of the plain-torch fp32 twin, plus one fp32 ulp of the result's scale.
 """
 
@@ -139,9 +139,15 @@ def test_float64_runs_in_torch():
     torch.testing.assert_close(out2, want2, rtol=1e-15, atol=1e-15)
 
 
-def test_empty_tensors_are_a_no_op():
-    x = torch.empty(0, 3)
-    ops.lincomb(torch.empty_like(x), x, [torch.empty_like(x)], [0.1, 0.2])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_tensors_are_a_no_op(impl):
+    """Zero elements: nothing is written, not even next to the (empty) outputs, and the checks still apply."""
+    buf = torch.full((8,), 7.0)
+    out, out2, x = buf[2:2].view(0, 3), buf[5:5].view(0, 3), torch.empty(0, 3)
+    ops.lincomb(out, x, [torch.empty(0, 3, dtype=torch.bfloat16)], [0.1, 0.2], True, out2, [0.3, 0.4], impl=impl)
+    assert torch.equal(buf, torch.full((8,), 7.0))
+    with pytest.raises(ValueError, match="shape"):
+        ops.lincomb(out, x, [torch.empty(0, 4)], [0.1, 0.2], impl=impl)
 
 
 def _args(shape=(2, 3, 4, 4), k=2, dtype=torch.float32):
@@ -186,6 +192,60 @@ def test_errors_say_what_to_do(mutate, error, match):
     mutate(args)
     with pytest.raises(error, match=match):
         ops.lincomb(**args)
+
+
+def test_kernel_constants_agree_with_the_cpp_build():
+    """csrc/lincomb.cpp has its own compile-time copies; the built module must carry the Python values."""
+    from pndm_fast.kernels import constants
+
+    assert ops._C.MAX_OPERANDS == constants.MAX_OPERANDS
+    assert ops._C.DTYPE_CODES == {str(d)[6:]: code for d, code in constants.OPERAND_CODES.items()}
+
+
+def _bad_direct_calls():
+    """(name, out, x, operands, weights, out2, weights2, error, match) calls that would hand C++ bad pointers."""
+    x = torch.randn(4, 4)
+    v = torch.randn(4, 4)
+    cases = [
+        ("small out", torch.empty(2, 2), x, [v], [0.1, 0.2], None, None, ValueError, "out has shape"),
+        ("small operand", torch.empty_like(x), x, [v[:1]], [0.1, 0.2], None, None, ValueError, r"operands\[0\]"),
+        ("small out2", torch.empty_like(x), x, [v], [0.1, 0.2], torch.empty(3), [0.0, 1.0], ValueError, "out2"),
+        ("float64 x", torch.empty_like(x).double(), x.double(), [v], [0.1, 0.2], None, None, TypeError, "float64"),
+        ("int operand", torch.empty_like(x), x, [v.int()], [0.1, 0.2], None, None, TypeError, "dtype"),
+        ("strided x", torch.empty_like(x), x.t(), [v], [0.1, 0.2], None, None, ValueError, "contiguous"),
+        ("6 operands", torch.empty_like(x), x, [v] * 6, [0.1] * 7, None, None, ValueError, "at most 5"),
+        ("short weights", torch.empty_like(x), x, [v, v], [0.1], None, None, ValueError, "need 3 weights"),
+        ("out2 without weights2", torch.empty_like(x), x, [v], [0.1, 0.2], torch.empty_like(x), None, ValueError,
+         "go together"),
+        ("operand is out", v, x, [v], [0.1, 0.2], None, None, ValueError, "overlaps out"),
+        ("out2 is out", v, x, [], [0.1], v, [0.2], ValueError, "overlaps"),
+        ("out inside an operand", v[1:3], x[1:3], [v[:2]], [0.1, 0.2], None, None, ValueError, "overlaps out"),
+    ]
+    return [pytest.param(*c[1:], id=c[0]) for c in cases]
+
+
+@pytest.mark.skipif(not ops.cpp_available(), reason="pndm_fast._C is not built")
+@pytest.mark.parametrize("out, x, operands, weights, out2, weights2, error, match", _bad_direct_calls())
+def test_registered_cpp_op_checks_direct_calls(out, x, operands, weights, out2, weights2, error, match):
+    """torch.ops.pndm_fast.lincomb_cpp_ is public through torch.ops: a bad call raises before C++ sees a pointer
+    (unchecked, each of these reads or writes out of bounds or reinterprets memory)."""
+    before = [t.clone() for t in (x, *operands) if t.device.type == "cpu"]
+    with pytest.raises(error, match=match):
+        torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, weights, True, out2, weights2, False)
+    assert all(torch.equal(a, b) for a, b in zip(before, [t for t in (x, *operands) if t.device.type == "cpu"]))
+
+
+@pytest.mark.skipif(not ops.cpp_available(), reason="pndm_fast._C is not built")
+def test_registered_cpp_op_runs_a_good_direct_call():
+    gen = torch.Generator().manual_seed(3)
+    x, operands, w, w2 = make_case((3, 5, 7), 2, OPERAND_DTYPES["mixed"], gen)
+    out, out2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, w, True, out2, w2, False)
+    want, scale = truth(x, operands, w, True)
+    want2, scale2 = truth(x, operands, w2, False)
+    twin, twin2 = run("torch", x, operands, w, True, False, w2, False)
+    assert_close_to_truth(out, twin, want, scale)
+    assert_close_to_truth(out2, twin2, want2, scale2)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

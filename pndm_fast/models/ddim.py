@@ -113,7 +113,7 @@ class Upsample(nn.Module):
 class DDIMUNet(nn.Module):
     """forward(x (B, in_channels, S, S), t (B,) float) -> (B, out_ch, S, S), S = Model.image_size."""
 
-    # The blocks torch.compile compiles one by one (see pndm_fast.sampling.compiled): compiling the whole UNet
+    # The blocks torch.compile compiles one by one (see pndm_fast.compilation.compiled): compiling the whole UNet
     # let inductor fuse across blocks and drift to 2.5x the float32 reference's error over a sampling run.
     compile_regions = (ResnetBlock, AttnBlock, Downsample, Upsample)
 

@@ -143,9 +143,16 @@ class TimestepEmbedSequential(nn.Sequential):
 class IDDPMUNet(nn.Module):
     """forward(x (B, in_channels, H, W), t (B,) float) -> (B, out_channels, H, W); with learned sigma
     out_channels = 2 in_channels and the first `out_channels_eps` channels are eps.
-    H and W must be divisible by 2 ** (len(channel_mult) - 1)."""
+    H and W must be divisible by 2 ** (len(channel_mult) - 1).
 
-    # The blocks torch.compile compiles one by one (see pndm_fast.sampling.compiled): compiling the whole UNet
+    forward(x, t, eps_only=True) -> (B, out_channels_eps, H, W): the eps channels alone, computed by the last
+    conv with the first out_channels_eps rows of its weight and bias, so a sampler gets a dense eps without
+    computing (half of the last conv) or copying (a strided slice) the sigma half.
+    """
+
+    eps_only_supported = True
+
+    # The blocks torch.compile compiles one by one (see pndm_fast.compilation.compiled): compiling the whole UNet
     # let inductor fuse across blocks and drift to 2.5x the float32 reference's error over a sampling run.
     compile_regions = (ResBlock, AttentionBlock, Downsample, Upsample)
 
@@ -220,7 +227,7 @@ class IDDPMUNet(nn.Module):
         """(B,) float timesteps -> (B, 4 C): sinusoid in float32, cast, then Linear -> SiLU -> Linear."""
         return self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, eps_only: bool = False) -> torch.Tensor:
         factor = 2**self.num_downsamples
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"iDDPM model expects H and W divisible by {factor}, got {x.shape[2]}x{x.shape[3]}")
@@ -236,7 +243,12 @@ class IDDPMUNet(nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        norm, act, conv = self.out
+        if not eps_only or conv.out_channels == self.out_channels_eps:
+            return conv(act(norm(h)))
+        c = self.out_channels_eps
+        # Slices of the parameters are views: nothing is copied, and a loaded checkpoint is seen as it is.
+        return F.conv2d(act(norm(h)), conv.weight[:c], conv.bias[:c], padding=conv.padding)
 
     def input_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why this network cannot take a (B, C, H, W) input of `shape`, or None: C = in_channels and H, W divisible
