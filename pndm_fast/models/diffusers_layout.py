@@ -69,6 +69,7 @@ FIXED = {
 RESNET = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
 ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+TOP_LEVEL = {"norm_out": "conv_norm_out", "class_emb": "class_embedding"}
 PROJECTIONS = ("q", "k", "v", "proj_out")  # 1x1 convs in the paper, Linear in diffusers
 
 
@@ -101,7 +102,7 @@ def diffusers_key(key: str, levels: int) -> str:
         return f"mid_block.{where}.{_rename(m[2], ATTENTION if m[1] == 'attn_1' else RESNET)}"
     m = re.fullmatch(r"(norm_out|conv_out|conv_in|class_emb)\.(\w+)", key)
     if m:
-        return f"{ {'norm_out': 'conv_norm_out', 'class_emb': 'class_embedding'}.get(m[1], m[1]) }.{m[2]}"
+        return f"{TOP_LEVEL.get(m[1], m[1])}.{m[2]}"
     raise UserError(f"the paper's key {key!r} has no counterpart in diffusers' UNet2DModel "
                     "(a bayesian model's logvar has none)")
 
