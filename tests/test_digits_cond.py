@@ -161,5 +161,5 @@ def test_shipped_model_makes_the_asked_digit():
     with torch.no_grad():
         got = classifier(pixels).argmax(1)
     shares = (got == labels).view(10, per_class).double().mean(1)
-    assert shares.min() >= 0.6, shares  # chance is 0.1
-    assert shares.mean() >= 0.85, shares
+    assert shares.min() >= 0.8, shares  # chance is 0.1; measured 0.95 to 1.0 per class at 100 per class
+    assert shares.mean() >= 0.9, shares
