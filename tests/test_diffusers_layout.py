@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import pndm_fast
 from pndm_fast import UserError, load_config
 from pndm_fast.cli import main
 from pndm_fast.models import build_model, save_state_dict
@@ -205,7 +206,7 @@ def test_what_diffusers_cannot_express_is_refused_with_one_line(tmp_path, capsys
         from_diffusers_config({**config, "up_block_types": up[::-1]})
     with pytest.raises(UserError, match="diffusers' defaults differ"):
         from_diffusers_config({k: v for k, v in config.items() if k != "freq_shift"})
-    shipped = os.path.join(os.path.dirname(__file__), "..", "pndm_fast", "weights", "digits.safetensors")
+    shipped = os.path.join(os.path.dirname(pndm_fast.__file__), "weights", "digits.safetensors")
     assert main(["--runner", "convert", "--model_path", shipped, "--out_path", str(tmp_path / "folder")]) == 2
     assert "needs the checkpoint's --config" in capsys.readouterr().err
     (tmp_path / "taken").mkdir()
@@ -220,7 +221,7 @@ def test_what_diffusers_cannot_express_is_refused_with_one_line(tmp_path, capsys
 
 def test_the_package_converts_without_diffusers(tmp_path):
     """Writing a diffusers folder needs no diffusers: run with it made unimportable."""
-    shipped = os.path.join(os.path.dirname(__file__), "..", "pndm_fast", "weights", "digits.safetensors")
+    shipped = os.path.join(os.path.dirname(pndm_fast.__file__), "weights", "digits.safetensors")
     code = ("import sys; sys.modules['diffusers'] = None\n"
             "from pndm_fast.cli import main\n"
             f"sys.exit(main(['--runner', 'convert', '--config', 'digits', '--model_path', {shipped!r}, "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import pndm_fast
 from pndm_fast import UserError, load_config
 from pndm_fast.data import load_dataset
 from pndm_fast.digits_classifier import load_classifier
@@ -20,7 +21,7 @@ from pndm_fast.sampling import sample
 from pndm_fast.schedule import Schedule
 from pndm_fast.seeds import derived_seed
 
-WEIGHTS = os.path.join(os.path.dirname(__file__), "..", "pndm_fast", "weights")
+WEIGHTS = os.path.join(os.path.dirname(pndm_fast.__file__), "weights")
 
 
 @pytest.fixture(autouse=True, scope="module")
