@@ -25,6 +25,7 @@ setup(
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "pillow", "tqdm", "safetensors", "nvtx"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "train": ["scikit-learn"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "train": ["scikit-learn"],
+                    "diffusers": ["diffusers"]},  # optional: diffusers model folders
     entry_points={"console_scripts": ["pndm-fast = pndm_fast.cli:main"]},
 )

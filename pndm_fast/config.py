@@ -183,10 +183,13 @@ def validate_model(config, prefix: str = "config") -> None:
               why=" (at least Model.in_channels: the sampler reads eps from the first in_channels outputs)")
         m.int_list("attn_resolutions", nonempty=False, max_len=64)
         m.flag("resamp_with_conv")
+        m.integer("num_classes", 0, minimum=0, why=" (0 or absent: an unconditional model)")
         factor = 2 ** (len(mults) - 1)
         m.integer("image_size", multiple=factor,
                   why=f" (each of the {len(mults) - 1} downsamplings of Model.ch_mult must halve it exactly)")
         return
+    if m.get("num_classes", 0) != 0:
+        raise m.error("num_classes", m.get("num_classes"), "0 or absent (class labels are a DDIM-model option)")
     model_channels = m.integer("model_channels", multiple=GROUPS, why=group_why)
     mults = m.int_list("channel_mult", nonempty=True, maximum=64)
     m.integer("out_channels", minimum=in_channels,

@@ -22,19 +22,21 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """Images held in memory as one tensor (N, C, H, W), divided by `scale` when read.
+    """Images held in memory as one tensor (N, C, H, W), divided by `scale` when read; with `labels` (N,) int64,
+    each item is (image, label) instead of the image alone.
 
     CIFAR-10 stays uint8 until read: 150 MB instead of 600 MB as float32.
     """
 
-    def __init__(self, images: torch.Tensor, scale: float):
-        self.images, self.scale = images, scale
+    def __init__(self, images: torch.Tensor, scale: float, labels: torch.Tensor | None = None):
+        self.images, self.scale, self.labels = images, scale, labels
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.images[index].float() / self.scale
+    def __getitem__(self, index: int):
+        image = self.images[index].float() / self.scale
+        return image if self.labels is None else (image, self.labels[index])
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -76,16 +78,19 @@ def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise UserError(f"Dataset.channels must be 1 or {images.shape[1]} for this dataset, got {channels}")
 
 
-def load_digits(image_size: int, channels: int) -> TensorImages:
-    """scikit-learn's 1797 8x8 digits (values 0..16), upscaled bilinearly: smooth strokes, unlike blocky nearest."""
+def load_digits(image_size: int, channels: int, labels: bool = False) -> TensorImages:
+    """scikit-learn's 1797 8x8 digits (values 0..16), upscaled bilinearly: smooth strokes, unlike blocky nearest.
+    With labels, each item is (image, digit 0..9)."""
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError:
         raise UserError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
-    images = torch.from_numpy(sklearn_digits().images).float().unsqueeze(1) / 16.0
+    digits = sklearn_digits()
+    images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return TensorImages(match_channels(images, channels), 1.0)
+    targets = torch.from_numpy(digits.target).long() if labels else None
+    return TensorImages(match_channels(images, channels), 1.0, targets)
 
 
 def cifar_folder(path: str) -> str:
@@ -125,16 +130,20 @@ def load_image_folder(path: str, image_size: int, channels: int) -> ImageFolder:
     return ImageFolder(paths, image_size, channels)
 
 
-def load_dataset(config: dict, data_path: str | None = None) -> torch.utils.data.Dataset:
+def load_dataset(config: dict, data_path: str | None = None, labels: bool = False) -> torch.utils.data.Dataset:
     """The training set named by config["Dataset"]["dataset"]: CIFAR10, digits, or folder (alias images).
 
-    The files are read from `data_path`, else from Dataset.path in the config; digits need none.
+    The files are read from `data_path`, else from Dataset.path in the config; digits need none. With labels
+    (a class-conditional model), items are (image, class); only digits carry classes.
     """
     section = config.get("Dataset") or {}
     name = str(section.get("dataset", "")).lower()
     size, channels = int(section.get("image_size", 32)), int(section.get("channels", 3))
     if name == "digits":
-        return load_digits(size, channels)
+        return load_digits(size, channels, labels)
+    if labels:
+        raise UserError(f"Model.num_classes needs a dataset with class labels, and Dataset.dataset "
+                        f"{section.get('dataset')!r} has none here: use digits, or remove Model.num_classes")
     if name not in ("cifar10", "folder", "images"):
         raise UserError(f"unknown Dataset.dataset {section.get('dataset')!r}: expected CIFAR10, digits or folder "
                         f"(any folder of images, e.g. CelebA's, with --data_path)")

@@ -130,6 +130,7 @@ class DDIMUNet(nn.Module):
         image_size: int,
         resamp_with_conv: bool,
         bayesian: bool = False,
+        num_classes: int = 0,
     ):
         super().__init__()
         ch_mult = tuple(ch_mult)
@@ -145,6 +146,11 @@ class DDIMUNet(nn.Module):
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        # Model.num_classes > 0: one learned vector per class plus a last one, index num_classes, for "no class"
+        # (the null label that classifier-free guidance needs), added to the time embedding. 0 adds no key.
+        self.num_classes = num_classes
+        if num_classes:
+            self.class_emb = nn.Embedding(num_classes + 1, temb_ch)
 
         def level(blocks, attn_channels):
             module = nn.Module()
@@ -195,7 +201,19 @@ class DDIMUNet(nn.Module):
         temb = timestep_embedding(t, self.ch).to(dtype)
         return self.temb.dense[1](swish(self.temb.dense[0](temb)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def class_embedding(self, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) labels in [0, num_classes], num_classes (or y=None) being the null class -> (B, 4 ch)."""
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if y.dtype != torch.long or y.shape != (batch,):
+            raise ValueError(f"class labels must be a LongTensor of shape ({batch},), got {y.dtype} "
+                             f"{tuple(y.shape)}")
+        # no range check here: it would read the labels back from the device on every call (a CUDA graph
+        # cannot); nn.Embedding itself refuses an index outside [0, num_classes]
+        return self.class_emb(y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y: class labels (B,) for a model with Model.num_classes, None for the null class; None otherwise."""
         if x.shape[2] != self.image_size or x.shape[3] != self.image_size:
             raise ValueError(
                 f"DDIM model expects {self.image_size}x{self.image_size} inputs (Model.image_size), "
@@ -203,6 +221,10 @@ class DDIMUNet(nn.Module):
             )
         dtype = self.conv_in.weight.dtype
         temb = self.time_embedding(t, dtype)
+        if self.num_classes:
+            temb = temb + self.class_embedding(y, x.shape[0], x.device).to(dtype)
+        elif y is not None:
+            raise ValueError("this model has no class embedding (Model.num_classes is 0): call it without labels")
 
         hs = [self.conv_in(x.to(dtype))]
         for i, down in enumerate(self.down):

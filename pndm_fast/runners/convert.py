@@ -13,7 +13,7 @@ import torch
 
 from ..atomic import DestinationExists, atomic_path
 from ..errors import UserError
-from ..models import build_model
+from ..models import build_model, diffusers_layout
 from ..models.checkpoint import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
@@ -37,7 +37,9 @@ def _suffix(path: str, flag: str) -> str:
 
 
 def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
-    """Write the state dict in model_path to out_path in the format out_path's extension names.
+    """Write the state dict in model_path to out_path in the format out_path's extension names; when either is a
+    diffusers model folder (an existing folder, or an out_path without a checkpoint suffix), convert between the
+    paper's DDIM layout and diffusers' UNet2DModel layout instead (the paper's side needs its config).
 
     With a config, the checkpoint must first match that config's model (strict keys and shapes, as
     load_checkpoint checks them). Returns {"keys", "parameters" (elements of all tensors), "bytes_in",
@@ -46,6 +48,9 @@ def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
     if not model_path or not out_path:
         raise UserError("--runner convert needs --model_path IN and --out_path OUT (.ckpt, .pt, .pth or "
                         ".safetensors), e.g. --model_path ddim_cifar10.ckpt --out_path ddim_cifar10.safetensors")
+    if diffusers_layout.is_folder_path(model_path) or diffusers_layout.is_folder_path(out_path):
+        # a diffusers model folder on either side: keys renamed and reshaped (models/diffusers_layout.py)
+        return diffusers_layout.convert_layout(model_path, out_path, config)
     _suffix(model_path, "--model_path")
     _suffix(out_path, "--out_path")
     if os.path.abspath(model_path) == os.path.abspath(out_path) or (

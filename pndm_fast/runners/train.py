@@ -65,12 +65,13 @@ def shard(n: int, w: distributed.World) -> slice:
 
 
 def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator, loss_type: str,
-               batch: int | None = None, rows: slice | None = None) -> torch.Tensor:
+               batch: int | None = None, rows: slice | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
     """The noise-prediction loss of each image of x0 (m, C, H, W) in [-1, 1], summed over C, H, W: shape (m,).
 
     x0 holds the rows `rows` of a batch of `batch` images (default: all of them). Times and noise are drawn for
     the whole batch and then cut to those rows, so a batch split over processes sees the draws one process
-    would. Antithetic times (t and N - 1 - t in the same batch) lower the variance of the batch mean, as the
+    would. labels (m,), for a class-conditional model, are passed to it as y. Antithetic times (t and N - 1 - t in the same batch) lower the variance of the batch mean, as the
     reference does.
     """
     n, num_steps = (x0.shape[0] if batch is None else batch), ac.shape[0]
@@ -81,7 +82,8 @@ def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: 
     a = ac[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (SPEC section 1)
     # a learned-sigma network (iDDPM) outputs 2C channels: the first C are eps
-    error = model(x_t, t.float())[:, : x0.shape[1]] - eps
+    out = model(x_t, t.float()) if labels is None else model(x_t, t.float(), labels)
+    error = out[:, : x0.shape[1]] - eps
     if loss_type == "linear":
         return error.abs().sum(dim=(1, 2, 3))
     if loss_type == "square":
@@ -93,6 +95,16 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, g
                    loss_type: str) -> torch.Tensor:
     """The noise-prediction loss of a batch x0 (n, C, H, W) in [-1, 1], summed over C, H, W, mean over n."""
     return row_losses(model, x0, ac, gen, loss_type).mean(dim=0)
+
+
+def drop_labels(labels: torch.Tensor, gen: torch.Generator, rate: float, null_label: int, batch: int | None = None,
+                rows: slice | None = None) -> torch.Tensor:
+    """labels (m,) with each replaced by null_label with probability `rate`, so that one network also learns the
+    unconditional model that classifier-free guidance needs; the coins are tossed for the whole batch of
+    `batch` (see row_losses)."""
+    n = labels.shape[0] if batch is None else batch
+    drop = torch.rand(n, generator=gen, device=labels.device)[slice(0, n) if rows is None else rows] < rate
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator, batch: int | None = None,
@@ -176,15 +188,19 @@ def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: i
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ac: torch.Tensor,
                gen: torch.Generator, *, loss_type: str, grad_clip: float | None, flip: bool,
-               batch: int | None = None, w: distributed.World = ALONE) -> torch.Tensor:
+               batch: int | None = None, w: distributed.World = ALONE, labels: torch.Tensor | None = None,
+               label_dropout: float = 0.0, null_label: int = 0) -> torch.Tensor:
     """One optimizer step on a batch (n = `batch`, C, H, W) in [0, 1] of which x holds this rank's rows
-    shard(n, w) (all n in a single process); returns the loss of the whole batch before the step."""
+    shard(n, w) (all n in a single process); returns the loss of the whole batch before the step. labels, for
+    a class-conditional model, are this rank's rows' classes; a share label_dropout of them become null_label."""
     n = x.shape[0] if batch is None else batch
     rows = shard(n, w)
     x0 = x * 2.0 - 1.0
+    if labels is not None:  # drawn first, and only here: an unconditional run makes the draws it always made
+        labels = drop_labels(labels, gen, label_dropout, null_label, n, rows)
     if flip:
         x0 = random_flip(x0, gen, n, rows)
-    losses = row_losses(model, x0, ac, gen, loss_type, n, rows)
+    losses = row_losses(model, x0, ac, gen, loss_type, n, rows, labels)
     if w.size == 1:
         loss = losses.mean(dim=0)
     else:
@@ -230,7 +246,15 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
         raise UserError(f"Dataset.batch_size {batch_size} (the batch of all processes together) is not divisible "
                         f"by the {w.size} processes: use a multiple of {w.size} or another --nproc_per_node")
     state_path = check_train_path(train_path, restart)
-    dataset = load_dataset(config, data_path)
+    num_classes = int(config["Model"].get("num_classes") or 0)
+    dataset = load_dataset(config, data_path, labels=num_classes > 0)
+    label_dropout = float(section.get("label_dropout", 0.1))  # classifier-free guidance's usual 10%
+    if num_classes and not 0.0 <= label_dropout < 1.0:
+        raise UserError(f"Train.label_dropout is {label_dropout}: expected a number in [0, 1), the share of "
+                        f"labels replaced by the null class (e.g. 0.1)")
+    if num_classes and int(dataset.labels.max()) >= num_classes:
+        raise UserError(f"Model.num_classes is {num_classes} but the dataset has labels up to "
+                        f"{int(dataset.labels.max())}: set Model.num_classes to {int(dataset.labels.max()) + 1}")
     per_epoch = math.ceil(len(dataset) / batch_size)  # the last batch of an epoch may be short, as in the reference
     limit = min([int(section.get("epoch", 1)) * per_epoch]
                 + [int(m) for m in (max_steps, section.get("max_steps")) if m is not None])
@@ -283,7 +307,11 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
                 words = (seed, STREAM_DROPOUT, step) if w.size == 1 else (seed, STREAM_DROPOUT, step, w.rank)
                 torch.manual_seed(derived_seed(*words))
                 n = min(batch_size, len(dataset) - batch * batch_size)
-                loss = train_step(net, optimizer, x.to(device), ac, gen, batch=n, w=w, **options)
+                labels = None
+                if num_classes:
+                    x, labels = x[0], x[1].to(device)
+                loss = train_step(net, optimizer, x.to(device), ac, gen, batch=n, w=w, labels=labels,
+                                  label_dropout=label_dropout, null_label=num_classes, **options)
                 ema_update(ema, model, ema_rate)
                 step += 1
                 losses.append(loss.item())

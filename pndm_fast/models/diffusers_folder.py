@@ -1,0 +1,167 @@
+"""diffusers model folders, as `save_pretrained` writes them, for sampling and conversion.
+
+A model folder holds config.json and diffusion_pytorch_model.safetensors (or .bin); a pipeline folder holds
+model_index.json with the model in unet/ and the noise schedule in scheduler/scheduler_config.json. Both are
+accepted wherever a folder is asked for. Reading the config and the weights needs no diffusers; building the
+diffusers network (load_diffusers_unet) does, and says so in one line when it is missing. Weights are read as
+.safetensors (no code at all) or with torch.load(weights_only=True), never as a pickle that could run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from ..errors import UserError, first_line
+from ..schedule import make_betas
+from .checkpoint import read_state_dict, torch_load
+from .diffusers_layout import modern_attention_names
+
+CONFIG = "config.json"
+WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PIPELINE_INDEX = "model_index.json"
+SCHEDULER_CONFIGS = (os.path.join("scheduler", "scheduler_config.json"), "scheduler_config.json")
+# the diffusers networks a folder may hold for sampling: a UNet taking (x, t) and returning an image-shaped output
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# diffusers' beta_schedule name -> pndm_fast.schedule.make_betas' kind (the same formulas: scaled_linear is
+# linear in sqrt(beta), squaredcos_cap_v2 is the cosine alpha_bar of Nichol & Dhariwal capped at beta 0.999)
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+INSTALL = "pip install diffusers"
+
+
+def _model_folder(path: str | os.PathLike) -> str | None:
+    """The folder holding config.json and the weights: `path` itself, or its unet/ in a pipeline folder."""
+    path = os.fspath(path)
+    for folder in (path, os.path.join(path, "unet")):
+        if os.path.isfile(os.path.join(folder, CONFIG)) and any(
+                os.path.isfile(os.path.join(folder, w)) for w in WEIGHTS):
+            return folder
+    return None
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} {path} could not be read as JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """True when `path` is a folder with a diffusers model: config.json naming a diffusers class (its
+    "_class_name") beside diffusion_pytorch_model.safetensors or .bin, there or in its unet/ subfolder."""
+    folder = _model_folder(path) if os.path.isdir(path) else None
+    if folder is None:
+        return False
+    try:
+        return isinstance(_read_json(os.path.join(folder, CONFIG), "config").get("_class_name"), str)
+    except UserError:
+        return False
+
+
+def read_diffusers_config(path: str | os.PathLike) -> tuple[str, dict]:
+    """(the model folder, its config.json) of a diffusers model or pipeline folder; a one-line UserError for
+    anything else."""
+    folder = _model_folder(path) if os.path.isdir(path) else None
+    if folder is None or not is_diffusers_folder(path):
+        raise UserError(f"{path} is not a diffusers model folder: expected config.json with a \"_class_name\" and "
+                        f"{WEIGHTS[0]} (or .bin), as save_pretrained writes them, there or in its unet/ folder")
+    return folder, _read_json(os.path.join(folder, CONFIG), "config")
+
+
+def read_diffusers_folder(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json's content, state dict) of a diffusers model folder, read without diffusers."""
+    folder, config = read_diffusers_config(path)
+    weights = next(os.path.join(folder, w) for w in WEIGHTS if os.path.isfile(os.path.join(folder, w)))
+    if weights.endswith(".bin"):  # read_state_dict knows torch.save files by their usual suffixes only
+        state = torch_load(weights)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise UserError(f"checkpoint {weights} is not a plain state dict of tensors")
+        return config, dict(state)
+    return config, read_state_dict(weights)
+
+
+def load_diffusers_unet(path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The diffusers UNet in a model (or pipeline) folder, built by diffusers from config.json with the folder's
+    weights loaded strictly, on `device` in `dtype`, in eval mode. Needs diffusers; never downloads."""
+    _, config = read_diffusers_config(path)
+    name = config["_class_name"]
+    if name not in UNET_CLASSES:
+        raise UserError(f"{path} holds a diffusers {name}, not a UNet to sample with ({', '.join(UNET_CLASSES)})")
+    try:
+        import diffusers
+    except ImportError:
+        raise UserError(f"{path} is a diffusers model folder; loading it needs diffusers: {INSTALL}") from None
+    config, state = read_diffusers_folder(path)
+    try:
+        model = getattr(diffusers, name).from_config(config)
+    except Exception as err:  # noqa: BLE001 - any failure here is a config diffusers refuses
+        raise UserError(f"{path}: diffusers could not build its {name} from config.json "
+                        f"({first_line(err)})") from None
+    state = modern_attention_names(state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserError(f"{path}: the weights do not match config.json's {name} "
+                        f"({lines[1] if len(lines) > 1 else lines[0]})") from None
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def scheduler_config_path(path: str | os.PathLike) -> str | None:
+    """The scheduler config of a folder: scheduler/scheduler_config.json or scheduler_config.json in it, or in
+    the pipeline folder above when `path` is a pipeline's unet/ folder; None when there is none."""
+    path = os.path.abspath(os.fspath(path))
+    for folder in (path, os.path.dirname(path)):
+        for name in SCHEDULER_CONFIGS:
+            candidate = os.path.join(folder, name)
+            if os.path.isfile(candidate) and (folder == path or os.path.isfile(os.path.join(folder, PIPELINE_INDEX))):
+                return candidate
+    return None
+
+
+def schedule_from_folder(path: str | os.PathLike) -> tuple[np.ndarray, str] | None:
+    """(betas, prediction_type) from the folder's scheduler config, or None when the folder has none.
+
+    betas are float64, computed from beta_start, beta_end, num_train_timesteps and beta_schedule (linear,
+    scaled_linear, squaredcos_cap_v2) in float64 (diffusers rounds them to float32), or trained_betas as
+    listed. prediction_type is "epsilon", "sample" or "v_prediction"; anything else is a one-line UserError.
+    """
+    where = scheduler_config_path(path)
+    if where is None:
+        return None
+    config = _read_json(where, "scheduler config")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise UserError(f"scheduler config {where} has prediction_type {prediction!r}: expected one of "
+                        f"{', '.join(PREDICTION_TYPES)}")
+    if config.get("rescale_betas_zero_snr"):
+        raise UserError(f"scheduler config {where} sets rescale_betas_zero_snr: a schedule that reaches zero "
+                        "signal is not supported")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64)
+        if betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas < 1)):
+            raise UserError(f"scheduler config {where} has trained_betas that are not a list of at least two "
+                            "numbers in (0, 1)")
+        return betas, prediction
+    kind = config.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise UserError(f"scheduler config {where} has beta_schedule {kind!r}: expected one of "
+                        f"{', '.join(BETA_SCHEDULES)}, or trained_betas")
+    steps, start, end = (config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001),
+                         config.get("beta_end", 0.02))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, start, end))
+    if not (numbers and isinstance(steps, int) and steps >= 2 and 0 < start <= end < 1):
+        raise UserError(f"scheduler config {where} has num_train_timesteps {steps!r}, beta_start {start!r}, "
+                        f"beta_end {end!r}: expected an integer >= 2 and 0 < beta_start <= beta_end < 1")
+    return make_betas(BETA_SCHEDULES[kind], steps, float(start), float(end)), prediction
