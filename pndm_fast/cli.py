@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "separated by commas, e.g. 0,50,200,500,999 (the model is called at each)")
     p.add_argument("--timesteps_end", choices=ENDS, help="where a non-uniform grid ends: zero (sigma = 0, the "
                    "default) or min (its smallest time's level, as the paper's grid ends on ac[0])")
+    p.add_argument("--class", dest="classes", metavar="N|all", help="with a class-conditional model (e.g. "
+                   "--config digits-cond): sample class N, or every class (a grid with one row per class)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w with --class: "
+                   "eps_u + w (eps_c - eps_u); 1 (default) is the conditional model alone, 0 the unconditional")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--image_path", default="temp/results", help="folder the PNG images are written to")
     p.add_argument("--model_path", help="checkpoint: a plain state dict (.ckpt/.pt) or .safetensors")
@@ -162,6 +166,7 @@ def run(args) -> int:
 
     run_sample(config, SampleOptions(
         method=args.method, sample_step=args.sample_step, timesteps=args.timesteps, end=args.timesteps_end,
+        classes=args.classes, guidance=args.guidance,
         image_path=args.image_path, model_path=args.model_path,
         total_num=args.total_num, batch_size=args.batch_size, seed=args.seed, device=device,
         backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, grid=args.grid,

@@ -20,10 +20,13 @@ from ..errors import UserError
 from ..images import image_grid, read_png, to_uint8, write_png_atomic
 from ..models import build_model, load_checkpoint
 from ..grids import make_grid
+from ..models.diffusers_folder import schedule_from_folder
 from ..methods import method_record
 from ..sampling import sample
 from ..schedule import Schedule
 from ..seeds import derived_seed
+from .conditioning import (Source, check_classes, denoiser_for, is_folder_model, labels_for,
+                           open_diffusers_folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,6 +37,8 @@ class SampleOptions:
     sample_step: int = 50
     timesteps: str | tuple = "uniform"
     end: str | None = None
+    classes: str | None = None  # --class: a class number, "all", or None (unconditional)
+    guidance: float = 1.0
     image_path: str = "temp/results"
     model_path: str | None = None
     total_num: int | None = None
@@ -79,6 +84,28 @@ def load_model(config: dict, model_path: str | None, device: str, dtype: str) ->
     return model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
 
 
+def source_schedule(config: dict, model_path: str | None) -> Schedule:
+    """The schedule a run samples on: a diffusers folder's scheduler config when it has one, else the config's."""
+    if is_folder_model(model_path):
+        found = schedule_from_folder(model_path)
+        if found is not None:
+            return Schedule(found[0], description=f"{model_path}'s scheduler config")
+    return Schedule.from_config(config["Schedule"])
+
+
+def open_source(config: dict, model_path: str | None, device, dtype: torch.dtype) -> Source:
+    """The network of a run: a diffusers model folder (loaded through diffusers), or a checkpoint of the config's
+    model."""
+    if is_folder_model(model_path):
+        return open_diffusers_folder(model_path, config, device, dtype)
+    path = resolve_model_path(model_path, config)
+    model = build_model(config)
+    load_checkpoint(model, path)
+    net = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Source(net, "eps", Schedule.from_config(config["Schedule"]), image_shape(config), path,
+                  int(config["Model"].get("num_classes") or 0))
+
+
 def image_shape(config: dict) -> tuple[int, int, int]:
     model, dataset = config["Model"], config.get("Dataset") or {}
     size = model.get("image_size") or dataset.get("image_size")
@@ -107,8 +134,10 @@ def check_device(device: str) -> torch.device:
 SETTINGS_KEY = "pndm-fast"  # the PNG tEXt key under which every image records the settings that made it
 # Settings that decide an image's pixels. batch_size and total_num are among them on the CPU, where the UNet
 # rounds differently by batch composition (one grey level at most); device and backend are recorded, not compared.
-COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "timesteps", "seed", "dtype",
-            "total_num", "batch_size")
+COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "timesteps", "class", "guidance",
+            "seed", "dtype", "total_num", "batch_size")
+# What images written before a setting existed were made with.
+FORMER_DEFAULTS = {"timesteps": "uniform", "class": None, "guidance": 1.0}
 
 
 def grid_label(opts: SampleOptions) -> str:
@@ -125,7 +154,8 @@ def run_settings(config: dict, opts: SampleOptions, checkpoint: str, total: int,
     digest = hashlib.sha256(json.dumps(shape_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     real = os.path.realpath(checkpoint)
     return {"config": digest, "checkpoint": real, "checkpoint_bytes": os.path.getsize(real), "method": opts.method,
-            "sample_step": opts.sample_step, "timesteps": grid_label(opts), "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
+            "sample_step": opts.sample_step, "timesteps": grid_label(opts), "class": opts.classes,
+            "guidance": opts.guidance, "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
             "batch_size": batch, "device": torch.device(opts.device).type, "backend": opts.backend}
 
 
@@ -138,8 +168,7 @@ def settings_mismatch(path: str, text: dict[str, str], settings: dict) -> str | 
     except (KeyError, ValueError):
         return f"{path} exists but records no pndm-fast sampling settings, so resuming could mix runs: {advice}"
     for key in COMPARED:
-        # Images written before grids existed were all made on the paper's grid.
-        if found.get(key, "uniform" if key == "timesteps" else None) != settings[key]:
+        if found.get(key, FORMER_DEFAULTS.get(key)) != settings[key]:
             return (f"{path} was made with {key} {found.get(key)!r}, this run asks for {settings[key]!r}: "
                     f"{advice}")
     return None
@@ -203,21 +232,25 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
     batch = opts.batch_size if opts.batch_size is not None else int(section.get("batch_size", 64))
     if total < 1 or batch < 1:
         raise UserError(f"--total_num and --batch_size must be at least 1, got {total} and {batch}")
-    schedule = Schedule.from_config(config["Schedule"])
+    schedule = source_schedule(config, opts.model_path)
     method_record(opts.method)  # refuse an unknown method or an impossible grid before loading anything
     make_grid(schedule, opts.timesteps, opts.sample_step, opts.end)
     joined_here = not distributed.is_initialized()
     world = distributed.init(device.type)
     device = torch.device(distributed.device_for(opts.device, world))
-    model = load_model(config, opts.model_path, device, opts.dtype)
-    settings = run_settings(config, opts, resolve_model_path(opts.model_path, config), total, batch)
+    source = open_source(config, opts.model_path, device, DTYPES[opts.dtype])
+    check_classes(source, opts.classes, opts.guidance)
+    if opts.classes == "all" and opts.total_num is None:
+        total = source.num_classes**2  # a square grid, one row per class
+    model, schedule = source.net, source.schedule
+    settings = run_settings(config, opts, source.weights_file, total, batch)
     text = {SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
     # NHWC lets cuDNN use its tensor-core convolutions without transposing every activation; on the CPU the
     # default layout is as fast, so it stays.
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    shape = image_shape(config)
+    shape = source.shape
     folder = opts.image_path
     os.makedirs(folder, exist_ok=True)
     if world.is_main:  # before any rank writes, so no live writer of this run loses its temporary file
@@ -245,7 +278,9 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
             indices = range(k * batch, min((k + 1) * batch, total))
             noise = noise_for(indices, shape, opts.seed).to(device)
             with torch.inference_mode():
-                x = sample(model, noise, schedule, opts.method, opts.sample_step, backend=opts.backend,
+                labels = labels_for(indices, opts.classes, source.num_classes, total)
+                x = sample(denoiser_for(source, labels, opts.guidance), noise, schedule, opts.method,
+                           opts.sample_step, backend=opts.backend,
                            timesteps=opts.timesteps, end=opts.end,
                            compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last)
             if not torch.isfinite(x).all():
