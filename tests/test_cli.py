@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import golden_json, golden_path
+from conftest import golden_json, golden_path, read_images
 from PIL import Image
 
 from pndm_fast.cli import main
@@ -42,10 +42,6 @@ def run_cli(small, *extra, out=None):
     argv = ["--config", small["config"], "--model_path", small["ckpt"], "--sample_step", "5", "--device", "cpu",
             "--no_progress"] + (["--image_path", str(out)] if out else []) + list(extra)
     return main(argv)
-
-
-def read_images(folder) -> dict:
-    return {name: np.asarray(Image.open(folder / name)) for name in sorted(os.listdir(folder))}
 
 
 def test_noise_of_an_image_depends_only_on_seed_and_index():

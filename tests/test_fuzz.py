@@ -11,6 +11,7 @@ import tempfile
 
 import pytest
 import torch
+from conftest import torch_threads
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -49,13 +50,11 @@ SCHEDULE = Schedule.from_config(TINY_DDIM["Schedule"])
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread_here():
     """The models here are tiny: a second OpenMP thread saves nothing, and on a busy machine the threads' barrier
     waits made each call ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def assert_one_line_user_error(err: UserError) -> str:
