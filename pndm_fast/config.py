@@ -29,11 +29,16 @@ def resolve_config_path(name_or_path: str) -> str:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     stem = stem.replace("_", "-")
+    names = ", ".join(bundled_config_names())
+    if os.path.isdir(name_or_path):
+        raise UserError(f"config {name_or_path} is a folder: expected a YAML file in it, or one of the bundled "
+                        f"names {names}")
     if stem in bundled_config_names():
         return str(resources.files("pndm_fast") / "configs" / f"{stem}.yml")
-    raise UserError(
-        f"unknown config {name_or_path!r}: give a YAML file path or one of {', '.join(bundled_config_names())}"
-    )
+    if os.path.dirname(name_or_path) or name_or_path.endswith((".yml", ".yaml")):
+        raise UserError(f"config file {name_or_path} not found (looked in {os.path.abspath(name_or_path)}); check "
+                        f"the path, or give a bundled name: {names}")
+    raise UserError(f"unknown config {name_or_path!r}: give a YAML file path or one of {names}")
 
 
 def load_config(name_or_path: str) -> dict:

@@ -283,7 +283,8 @@ def test_random_flags_exit_0_or_2_with_one_line(tiny, data):
             code = main(args)
         except SystemExit as exit_:  # argparse refuses by exiting
             code = exit_.code
-    err = stderr.getvalue()
+    # a run that works may warn (--dtype fp16 on the CPU), one line per warning; a refusal is one line alone
+    err = "".join(line for line in stderr.getvalue().splitlines(True) if not line.startswith("pndm-fast: warning:"))
     event(f"exit code {code}")
     assert code in (0, 2), (args, err)
     assert "Traceback" not in err and len(err.strip().splitlines()) == (code == 2), (args, err)
