@@ -25,21 +25,41 @@ except ImportError:  # setuptools < 59
 
 
 class OptionalBuildExt(pybind11_build_ext):
-    """build_ext that skips an extension it cannot compile, with a one-paragraph note, instead of failing."""
+    """build_ext that skips an extension it cannot compile, with a note, instead of failing the install."""
 
     def run(self):
+        self.skipped = set()
         try:
             super().run()
-        except BUILD_ERRORS as err:
-            self._skip(err)
+        except BUILD_ERRORS as err:  # e.g. no compiler known at all, before any extension is tried
+            self._skip(err, "pndm_fast._C")
+            self.skipped.update(ext.name for ext in self.extensions)
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except BUILD_ERRORS as err:
             self._skip(err, ext.name)
+            self.skipped.add(ext.name)
 
-    def _skip(self, err, name="pndm_fast._C"):
+    # What the install copies afterwards (in place, or into an editable or regular wheel) must leave out what
+    # was skipped, or setuptools fails on the missing .so.
+    def _only_built(self):
+        self.extensions = [ext for ext in self.extensions if ext.name not in getattr(self, "skipped", ())]
+
+    def copy_extensions_to_source(self):
+        self._only_built()
+        super().copy_extensions_to_source()
+
+    def get_outputs(self):
+        self._only_built()
+        return super().get_outputs()
+
+    def get_output_mapping(self):
+        self._only_built()
+        return super().get_output_mapping()
+
+    def _skip(self, err, name):
         if os.environ.get("PNDM_FAST_REQUIRE_CPP") == "1":
             raise err
         sys.stderr.write(

@@ -5,8 +5,9 @@ from .errors import UserError
 from .models import build_model, load_checkpoint
 from .ops import lincomb
 from .plans import build_plan
+from .pretrained import pretrained, pretrained_names
 from .sampling import sample, set_cache_limit
 from .schedule import Schedule
 
 __all__ = ["load_config", "build_model", "load_checkpoint", "Schedule", "sample", "build_plan", "lincomb",
-           "UserError", "set_cache_limit"]
+           "UserError", "set_cache_limit", "pretrained", "pretrained_names"]
