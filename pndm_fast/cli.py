@@ -77,9 +77,9 @@ def validate_args(args) -> None:
     from .runners.sample import check_device
 
     def check_folder(flag: str, path: str) -> None:
-        """`path` is, or is made now, a folder to write into: refused when it or an ancestor is a file, or when
-        the file system will not create it (permissions decide too little: /proc accepts nothing, even from
-        root)."""
+        """`path` is, or can be made, a folder to write into: refused when it or an ancestor is a file, or when
+        the file system will not create it (permissions say too little: /proc takes no folder, even from root).
+        A missing folder is created and removed again to find out, so a refused run leaves nothing behind."""
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"{flag} {path} is a file: expected a folder (existing or to be created); choose "
                             "another path")
@@ -90,11 +90,25 @@ def validate_args(args) -> None:
             raise UserError(f"{flag} {path} cannot be created because {existing} is a file; choose another path")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {path} is not writable (no permission in {existing}); choose another path")
+        missing = []
+        below = os.path.abspath(path)
+        while below != existing:
+            missing.append(below)
+            below = os.path.dirname(below)
+        made = []
         try:
-            os.makedirs(path, exist_ok=True)
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                made.append(folder)
         except OSError as err:
             raise UserError(f"{flag} {path} cannot be created in {existing} ({err.strerror}); choose a folder on a "
                             "writable disk") from None
+        finally:
+            for folder in reversed(made):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # another process wrote into it meanwhile: leave it
+                    break
 
     def check_checkpoint(path: str) -> None:
         """A --model_path that is a folder or a text file is named as such (the loader could only say "not
