@@ -1,6 +1,6 @@
 """Largest per-step deviation of every backend from the reference implementation's golden trajectories.
 
-    python benchmarks/golden_report.py [--golden ../shared/golden]
+    python benchmarks/golden_report.py [--golden tests/data/golden]
 
 Prints a markdown table: for each golden run, the relative L2 distance (max over steps) of pndm_fast's reference
 backend to the golden trajectory of the same dtype, and of the float32 backends to the float64 golden trajectory
@@ -42,7 +42,7 @@ def trajectory(golden: Path, run: dict, dtype) -> tuple[torch.Tensor, torch.Tens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[2] / "shared" / "golden"))
+    parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "golden"))
     golden = Path(parser.parse_args().golden)
     impls = [i for i in available_impls("cpu") if i != "torch"] + ["torch"]
     print("| run | reference vs golden (same dtype) | golden f32 vs f64 | "

@@ -11,8 +11,8 @@
 #
 #     bash benchmarks/gpu_checks.sh [OUT] [SECONDS]      (defaults: /tmp/gpu, 570)
 #
-# Installs the checkout in place with the machine's own torch and triton (no downloads). PNDM_GOLDEN points the
-# tests at the golden data when ../shared/golden is not beside the checkout.
+# Installs the checkout in place with the machine's own torch and triton (no downloads). The tests read the golden
+# data from tests/data/golden (PNDM_GOLDEN names another copy). Logs and JSON rows go to OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/gpu}

@@ -99,7 +99,9 @@ def validate_args(args) -> None:
     from .runners.sample import check_device
 
     def check_folder(flag: str, path: str) -> None:
-        """`path` is, or can be made, a folder to write into: refused when it or an ancestor is a file."""
+        """`path` is, or can be made, a folder to write into: refused when it or an ancestor is a file, or when
+        the file system will not create it (permissions say too little: /proc takes no folder, even from root).
+        A missing folder is created and removed again to find out, so a refused run leaves nothing behind."""
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError(f"{flag} {path} is a file: expected a folder (existing or to be created); choose "
                             "another path")
@@ -110,6 +112,46 @@ def validate_args(args) -> None:
             raise UserError(f"{flag} {path} cannot be created because {existing} is a file; choose another path")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"{flag} {path} is not writable (no permission in {existing}); choose another path")
+        missing = []
+        below = os.path.abspath(path)
+        while below != existing:
+            missing.append(below)
+            below = os.path.dirname(below)
+        made = []
+        try:
+            for folder in reversed(missing):
+                os.mkdir(folder)
+                made.append(folder)
+        except OSError as err:
+            raise UserError(f"{flag} {path} cannot be created in {existing} ({err.strerror}); choose a folder on a "
+                            "writable disk") from None
+        finally:
+            for folder in reversed(made):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # another process wrote into it meanwhile: leave it
+                    break
+
+    def check_checkpoint(path: str) -> None:
+        """A --model_path that is a folder or a text file is named as such (the loader could only say "not
+        found" or quote an unpickling byte)."""
+        if os.path.isdir(path):
+            raise UserError(f"--model_path {path} is a folder: expected a checkpoint file (.ckpt, .pt, .pth or "
+                            ".safetensors) inside it")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(512)
+        except OSError:
+            return  # missing or unreadable: the loader says which, with where to get checkpoints
+        # torch.save's zip and legacy pickle formats and safetensors' 8-byte header length all hold a NUL or a
+        # byte that is not UTF-8 within their first bytes; a YAML, JSON or text file holds neither.
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return
+        if head and "\0" not in text:
+            raise UserError(f"--model_path {path} is a text file, not a checkpoint: expected a state dict saved by "
+                            "torch.save (.ckpt, .pt, .pth) or a .safetensors file (a config goes to --config)")
 
     for name, value in sorted(vars(args).items()):
         if isinstance(value, str) and "\0" in value:
@@ -125,6 +167,8 @@ def validate_args(args) -> None:
         raise UserError(f"--seed must be 0 or more (image i's noise is seeded by (seed, i)), got {args.seed}")
     if args.device:
         check_device(args.device)
+    if args.model_path:
+        check_checkpoint(args.model_path)
     if args.runner == "sample":
         check_folder("--image_path", args.image_path)
         if args.grid:
@@ -133,6 +177,29 @@ def validate_args(args) -> None:
             check_folder("--grid's folder", os.path.dirname(os.path.abspath(args.grid)))
     if args.runner == "train" and args.train_path:
         check_folder("--train_path", args.train_path)
+
+
+def announce_sampling(args, device: str) -> None:
+    """Before a sampling run, on the first process only: one line on which fused op runs (and how to get the
+    faster one), and a word on anything that would otherwise look like a hang or a slow machine."""
+    import torch
+
+    from . import distributed
+    from .kernels_info import fused_op_notice
+    from .sampling import resolve_backend
+
+    if not distributed.world().is_main:
+        return
+    kind = torch.device(device).type
+    print(fused_op_notice(device, resolve_backend(args.backend, torch.device(device))))
+    if args.dtype == "fp16" and kind == "cpu":
+        # digits UNet, batch 16, one forward on 2 cores: fp32 0.40 s, bf16 0.45 s, fp16 3.5 s
+        print("pndm-fast: warning: --dtype fp16 on the CPU runs the UNet about 8x slower than fp32 or bf16 (CPUs "
+              "have no fast float16 convolutions); use --dtype fp32, the default, or bf16", file=sys.stderr)
+    if args.compile:
+        # benchmarks/RESULTS.md, end to end, "first s" of fused+compile: 33 s for the digits UNet on 2 CPU cores
+        print("compiling the UNet with torch.compile: the first batch waits for it (about 30 s to a minute for the "
+              "digits UNet on 2 CPU cores, longer for larger UNets); later batches of the same shape run compiled")
 
 
 def run(args) -> int:
@@ -164,6 +231,7 @@ def run(args) -> int:
                          args.batch_size or 2, timesteps=args.timesteps, end=args.timesteps_end)
     from .runners.sample import SampleOptions, run_sample
 
+    announce_sampling(args, device)
     run_sample(config, SampleOptions(
         method=args.method, sample_step=args.sample_step, timesteps=args.timesteps, end=args.timesteps_end,
         classes=args.classes, guidance=args.guidance,

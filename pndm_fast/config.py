@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from importlib import resources
@@ -28,11 +29,16 @@ def resolve_config_path(name_or_path: str) -> str:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
     stem = stem.replace("_", "-")
+    names = ", ".join(bundled_config_names())
+    if os.path.isdir(name_or_path):
+        raise UserError(f"config {name_or_path} is a folder: expected a YAML file in it, or one of the bundled "
+                        f"names {names}")
     if stem in bundled_config_names():
         return str(resources.files("pndm_fast") / "configs" / f"{stem}.yml")
-    raise UserError(
-        f"unknown config {name_or_path!r}: give a YAML file path or one of {', '.join(bundled_config_names())}"
-    )
+    if os.path.dirname(name_or_path) or name_or_path.endswith((".yml", ".yaml")):
+        raise UserError(f"config file {name_or_path} not found (looked in {os.path.abspath(name_or_path)}); check "
+                        f"the path, or give a bundled name: {names}")
+    raise UserError(f"unknown config {name_or_path!r}: give a YAML file path or one of {names}")
 
 
 def load_config(name_or_path: str) -> dict:
@@ -151,6 +157,7 @@ class _Section:
 def validate_schedule(section, prefix: str = "config") -> None:
     """Refuse a Schedule section that cannot give a usable table of betas (types, ranges, beta_start <= beta_end)."""
     s = _Section({"Schedule": section}, "Schedule", prefix, required=True)
+    refuse_unknown_keys(s.values, "Schedule", KNOWN_KEYS["Schedule"], prefix)
     s.choice("type", ("linear", "quad", "cosine"), "linear")
     s.integer("diffusion_step", 1000, minimum=2, maximum=MAX_DIFFUSION_STEP)
     start = s.number("beta_start", 1e-4, low=0.0, high=1.0)
@@ -172,6 +179,7 @@ def validate_model(config, prefix: str = "config") -> None:
     if struc not in ("DDIM", "iDDPM"):
         raise UserError(f"{prefix} has unknown Model.struc {_show(struc)}: expected DDIM or iDDPM; fix Model.struc "
                         "in the config")
+    refuse_unknown_keys(m.values, "Model", MODEL_KEYS[struc], prefix, what=f"a {struc} Model")
     in_channels = m.integer("in_channels", minimum=1, maximum=MAX_SIZE)
     m.number("dropout", low=0.0, high=1.0, low_open=False)
     m.integer("num_res_blocks", maximum=MAX_BLOCKS)
@@ -219,11 +227,15 @@ def validate_config(config, prefix: str = "config") -> None:
     """Check a whole configuration (a dict in the published layout) before anything is built from it.
 
     Raises UserError with one line that names the key (e.g. "Model.ch"), what it holds, and what is expected.
-    Unknown keys and sections are ignored, as the reference ignores them. `prefix` starts each message (e.g.
-    "config path.yml:").
+    Unknown sections and keys are refused with the closest known name (the reference ignores them, so a typo such
+    as `difusion_step` silently ran with the default). `prefix` starts each message (e.g. "config path.yml:").
     """
     if not isinstance(config, dict) or not {"Schedule", "Model"} <= set(config):
         raise UserError(f"{prefix} must be a YAML mapping with at least the sections Schedule and Model")
+    refuse_unknown_keys(config, None, SECTIONS, prefix)
+    for name in SECTIONS:
+        if name not in ("Schedule", "Model") and isinstance(config.get(name), dict):
+            refuse_unknown_keys(config[name], name, KNOWN_KEYS[name], prefix)
     validate_schedule(config["Schedule"], prefix)
     validate_model(config, prefix)
     data = _Section(config, "Dataset", prefix, required=False)
@@ -249,3 +261,40 @@ def validate_config(config, prefix: str = "config") -> None:
 
 # Images are named 000000.png .. 999999.png: six digits keep them fixed-width and in order.
 MAX_TOTAL_NUM = 999_999
+
+
+# Every key of the published configs (the paper's config/*.yml) and the bundled ones, per section. Keys the
+# reference reads but pndm_fast does not (e.g. Dataset.logit_transform, Schedule.learn_sigma) stay allowed, so
+# that every published file loads as it is; anything else is a typo or a setting that would be silently ignored.
+KNOWN_KEYS = {
+    "Schedule": ("type", "beta_start", "beta_end", "diffusion_step", "learn_sigma", "noise_schedule",
+                 "predict_xstart", "rescale_learned_sigmas", "rescale_timesteps", "sigma_small", "timestep_respacing",
+                 "use_kl"),
+    "Dataset": ("dataset", "path", "category", "image_size", "channels", "batch_size", "num_workers", "random_flip",
+                "rescaled", "logit_transform", "uniform_dequantization", "gaussian_dequantization"),
+    "Train": ("epoch", "max_steps", "save_every", "loss_type", "ema", "ema_rate", "label_dropout"),
+    "Optim": ("optimizer", "lr", "beta1", "amsgrad", "eps", "weight_decay", "grad_clip"),
+    "Sample": ("batch_size", "total_num", "model_path", "last_only", "mpi4py"),
+}
+MODEL_KEYS = {
+    "DDIM": ("struc", "type", "image_size", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
+             "attn_resolutions", "dropout", "var_type", "resamp_with_conv", "num_classes"),
+    "iDDPM": ("struc", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
+              "dropout", "channel_mult", "dims", "conv_resample", "use_checkpoint", "use_scale_shift_norm",
+              "num_heads", "num_heads_upsample"),
+}
+
+
+def refuse_unknown_keys(values: dict, section: str | None, known, prefix: str, what: str = "") -> None:
+    """A one-line UserError for the first key of `values` not in `known`, naming the closest known key.
+
+    `section` None checks the section names themselves."""
+    for key in values:
+        if key in known:
+            continue
+        where = f"section {key!r}" if section is None else f"key {section}.{key}"
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        if close:
+            raise UserError(f"{prefix} unknown {where}: did you mean {close[0]!r}? fix or remove it")
+        kind = what or (f"the {section} section" if section else "a config")
+        raise UserError(f"{prefix} unknown {where}: {kind} takes {', '.join(known)}; fix or remove it")

@@ -64,14 +64,9 @@ def test_label_entropy():
     assert accuracy_digits.label_entropy(np.array([0, 1, 0, 1])) == pytest.approx(1.0)
 
 
-@pytest.fixture
-def one_thread():
-    # A 16x16 UNet at batch 8 is too small to split over threads; on a busy shared CPU two OpenMP threads wait on
-    # each other at every convolution (measured here: 108 s for the quick run with two, 24 s with one).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one_thread (tests/conftest.py): a 16x16 UNet at batch 8 is too small to split over threads; on a busy shared CPU
+# two OpenMP threads wait on each other at every convolution (measured here: 108 s for the quick run with two, 24 s
+# with one).
 
 
 def test_quick_run_has_a_row_for_every_method_and_reruns_from_the_cache(tmp_path, monkeypatch, one_thread):

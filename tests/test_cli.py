@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import golden_json, golden_path
+from conftest import golden_json, golden_path, read_images
 from PIL import Image
 
 from pndm_fast.cli import main
@@ -42,10 +42,6 @@ def run_cli(small, *extra, out=None):
     argv = ["--config", small["config"], "--model_path", small["ckpt"], "--sample_step", "5", "--device", "cpu",
             "--no_progress"] + (["--image_path", str(out)] if out else []) + list(extra)
     return main(argv)
-
-
-def read_images(folder) -> dict:
-    return {name: np.asarray(Image.open(folder / name)) for name in sorted(os.listdir(folder))}
 
 
 def test_noise_of_an_image_depends_only_on_seed_and_index():
@@ -83,6 +79,11 @@ BAD_INPUTS = [
     (["--method", "RK45"], "invalid choice: 'RK45'"),
     (["--model", "VAE"], "invalid choice: 'VAE'"),
     (["--config", "no-such-config"], "unknown config 'no-such-config'"),
+    (["--config", "missing.yml"], "config file missing.yml not found"),
+    (["--config", "{folder}"], "is a folder: expected a YAML file"),
+    (["--model_path", "{folder}"], "is a folder: expected a checkpoint file"),
+    (["--model_path", "{folder}/small.yml"], "is a text file, not a checkpoint"),
+    (["--image_path", "/proc/pndm-fast-images"], "cannot be created in /proc"),
     (["--model", "iDDPM"], "disagrees with the config's Model.struc DDIM"),
     (["--model_path", "/nonexistent/model.ckpt"], "github.com/luping-liu/PNDM"),
     (["--model_path", "{folder}/renamed.ckpt"], "conv_in.weight"),
@@ -133,6 +134,7 @@ def test_python_dash_m_is_the_same_program(small, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "wrote 2 images" in done.stdout and sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png"]
+    assert done.stdout.startswith("fused op: "), done.stdout
     bad = subprocess.run(cmd[:-2] + ["--sample_step", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
@@ -197,3 +199,42 @@ Model: {struc: DDIM, type: simple, image_size: 8, in_channels: 1, out_ch: 1, ch:
 Train: {epoch: 1, loss_type: linear, ema_rate: 0.9, ema: true}
 Optim: {weight_decay: 0.0, optimizer: adam, lr: 0.001, beta1: 0.9, amsgrad: false, eps: 1.0e-8, grad_clip: 1.0}
 """
+
+
+def test_the_notice_names_the_fused_op_that_runs_and_how_to_get_the_kernel(monkeypatch):
+    from pndm_fast import ops
+    from pndm_fast.kernels_info import fused_op_notice
+
+    assert fused_op_notice("cpu", "reference") == "sampler: backend reference (plain torch, no fused op)"
+    if ops.cpp_available():
+        assert "C++/OpenMP kernel (pndm_fast._C)" in fused_op_notice("cpu")
+    monkeypatch.setattr(ops, "_C", None)  # as an install without a compiler leaves it
+    notice = fused_op_notice("cpu")
+    assert "plain torch" in notice and "pip install -e ." in notice and "\n" not in notice
+    monkeypatch.setattr(ops, "triton_available", lambda: False)
+    assert "pip install -e \".[triton]\"" in fused_op_notice("cuda")
+
+
+def test_check_runner_and_sampling_say_which_fused_op_runs(small, tmp_path, capsys, monkeypatch):
+    from pndm_fast import ops
+
+    monkeypatch.setattr(ops, "_C", None)
+    assert run_cli(small, "--total_num", "1", "--sample_step", "2", out=tmp_path) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("fused op: plain torch on the CPU")
+    assert main(["--runner", "check", "--config", small["config"], "--model_path", small["ckpt"],
+                 "--sample_step", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fused op: plain torch on the CPU" in out and "PASS  fused" not in out  # no C++ kernel to check
+
+
+def test_fp16_on_the_cpu_warns_and_compile_says_it_compiles(small, tmp_path, capsys):
+    from argparse import Namespace
+
+    from pndm_fast.cli import announce_sampling
+
+    assert run_cli(small, "--total_num", "1", "--sample_step", "2", "--dtype", "fp16", out=tmp_path) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("pndm-fast: warning: --dtype fp16 on the CPU") and err.count("\n") == 1, err
+    announce_sampling(Namespace(backend="auto", dtype="bf16", compile=True), "cpu")
+    captured = capsys.readouterr()
+    assert "compiling the UNet with torch.compile" in captured.out and captured.err == ""

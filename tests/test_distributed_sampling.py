@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+from conftest import read_images
 from PIL import Image
 
 from pndm_fast import distributed
@@ -23,11 +24,6 @@ def one_thread_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-def read_images(folder) -> dict:
-    return {name: np.asarray(Image.open(os.path.join(folder, name)))
-            for name in sorted(os.listdir(folder)) if name.endswith(".png")}
 
 
 def test_world_is_read_from_torchrun_variables(monkeypatch):

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-import torch
+from conftest import torch_threads
 from PIL import Image
 
 import pndm_fast.runners.sample as sample_runner
@@ -23,13 +23,11 @@ TOTAL, BATCH = 8, 4
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread_here():
     """One thread, as the killed subprocess below gets through OMP_NUM_THREADS=1: the thread count changes how
     the convolutions sum (a grey level on a few pixels), and these tests compare pixels exactly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def args(folder, *extra, total=TOTAL) -> list:

@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from pndm_fast import (
     Schedule,
@@ -30,10 +31,8 @@ TINY_IDDPM = {"Model": {"struc": "iDDPM", "in_channels": 1, "model_channels": 32
 def one_thread_and_default_limit():
     """Tiny models: one thread (a second only waits on the first on a busy machine); the cache limit and the
     environment variable restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
     set_cache_limit(None)
 
 

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -15,11 +14,10 @@ from pndm_fast import set_cache_limit  # noqa: E402
 from pndm_fast.methods import METHODS  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def default_cache_limit():
+    """soak.py sets the runner cache limit for its run; the next tests get the default back."""
     yield
-    torch.set_num_threads(threads)
     set_cache_limit(None)
 
 

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 from PIL import Image
 
 from pndm_fast import UserError, load_config
@@ -17,14 +18,12 @@ from pndm_fast.runners.train import EMA_FILE, STATE_FILE, random_flip, train
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def one_thread_here():
     """Tiny models train faster on one thread: at 8x8, thread hand-offs cost more than they save, and on a
     busy 2-core machine two spinning threads ran 10x slower. Module scope: run_a must see the same thread
     count as the tests that compare with it bit for bit (convolutions sum in a thread-dependent order)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def tiny_config(**train) -> dict:

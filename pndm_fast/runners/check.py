@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from ..kernels_info import fused_op_notice
 from ..methods import METHODS
 from ..ops import available_impls
 from ..sampling import sample
@@ -52,6 +53,7 @@ def run_check(config: dict, model_path: str | None, device_name: str, method: st
                                                  impl=impl, **grid)
     distances = {name: relative_distance(traj, truth) for name, traj in runs.items()}
     names = list(distances)
+    print(fused_op_notice(device))
     print(f"{method}, {len(truth) - 1} steps, batch {batch}: relative L2 distance to the float64 reference")
     print("step  " + "  ".join(f"{n:>16}" for n in names))
     for step in range(1, len(truth)):
