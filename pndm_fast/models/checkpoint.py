@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file
 from ..errors import UserError, first_line
 
 _SHOWN = 3  # how many offending keys an error message names
@@ -169,17 +169,19 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically: to a temporary file in the same folder, then os.replace, so that a
-    crash mid-write never leaves a truncated checkpoint under `path`. safetensors for .safetensors (key order
-    kept in its metadata), else torch.save."""
-    with atomic_path(path) as tmp:
-        write_state_dict(state_dict, tmp, safetensors=is_safetensors(path))
+    """Write a state dict atomically: to a new temporary file in the same folder (created exclusively, never
+    through a link), then os.replace, so that a crash mid-write never leaves a truncated checkpoint under `path`.
+    safetensors for .safetensors (key order kept in its metadata), else torch.save."""
+    with atomic_file(path) as file:
+        write_state_dict(state_dict, file, safetensors=is_safetensors(path))
 
 
-def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: str, *, safetensors: bool) -> None:
-    """The plain, non-atomic write behind save_state_dict (callers pick the final name themselves)."""
+def write_state_dict(state_dict: Mapping[str, torch.Tensor], file, *, safetensors: bool) -> None:
+    """The plain, non-atomic write behind save_state_dict into an open binary `file` (callers pick the final name
+    themselves). safetensors' own save_file would create the file itself, mode 0600 and following links; its
+    bytes go through `file` instead (the file's mode is then the umask's, like every other output)."""
     if safetensors:
         tensors = _unshared(state_dict)
-        save_file(tensors, path, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))})
+        file.write(safetensors_bytes(tensors, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))}))
     else:
-        torch.save(dict(state_dict), path)
+        torch.save(dict(state_dict), file)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..atomic import atomic_path, remove_stale_temps
+from ..atomic import atomic_file, remove_stale_temps
 from ..data import TensorImages, load_dataset
 from ..errors import UserError
 from ..models import build_model, save_state_dict
@@ -116,9 +116,9 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, rate: float
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save that never leaves half a file under `path` (see atomic_path)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save that never leaves half a file under `path` (see atomic_file)."""
+    with atomic_file(path) as file:
+        torch.save(obj, file)
 
 
 def check_train_path(train_path: str, restart: bool) -> str:
