@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"pndm-fast: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pndm-fast: interrupted; images already written are complete", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # training says which step it saved; elsewhere every file is written atomically, so none is partial
+        message = err.args[0] if err.args else "interrupted; every file already written is complete"
+        print(f"pndm-fast: {message}", file=sys.stderr)
         return 130
 
 
