@@ -17,6 +17,7 @@ from pndm_fast import UserError, load_config
 from pndm_fast.cli import main
 from pndm_fast.models import build_model, load_checkpoint, save_state_dict
 from pndm_fast.models.checkpoint import read_state_dict
+from pndm_fast.lock import LOCK_NAME
 from pndm_fast.runners.train import STATE_FILE, load_train_state, train
 
 SHIPPED = os.path.join(os.path.dirname(pndm_fast.__file__), "weights", "digits.safetensors")
@@ -110,7 +111,8 @@ def test_code_executing_train_state_is_refused(tmp_path, capsys):
                  "--device", "cpu", "--no_progress"]) == 2
     assert "would execute code" in one_error_line(capsys.readouterr().err)
     assert not marker.exists()
-    assert sorted(os.listdir(tmp_path)) == [STATE_FILE]  # nothing was written over or beside it
+    # nothing was written over or beside it, but the folder's lock file (which holds no data)
+    assert sorted(os.listdir(tmp_path)) == sorted([STATE_FILE, LOCK_NAME])
 
 
 def test_train_state_that_is_not_one_is_refused(tmp_path):
@@ -264,18 +266,35 @@ def test_convert_refusals(tmp_path, capsys):
         capsys, tmp_path, "--config", "ddim-cifar10", "--model_path", str(good), "--out_path", out)
 
 
-def test_failed_write_leaves_no_output(tmp_path, monkeypatch):
+def full_disk_after(monkeypatch, nbytes: int) -> None:
+    """A disk that fills up after `nbytes` more bytes: ENOSPC injected at the one call through which every
+    temporary file's bytes go (pndm_fast.atomic._write), as a real full disk raises it from write(2)."""
+    import pndm_fast.atomic as atomic
+
+    left = [nbytes]
+
+    def write(fd, data):
+        if left[0] <= 0:
+            raise OSError(28, "No space left on device")
+        n = os.write(fd, bytes(data[: left[0]]))
+        left[0] -= n
+        return n
+
+    monkeypatch.setattr(atomic, "_write", write)
+
+
+@pytest.mark.parametrize("out", ["out.safetensors", "out.ckpt"])
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, monkeypatch, capsys, out):
     save_state_dict(build_model(load_config("digits")).state_dict(), tmp_path / "good.ckpt")
-
-    def disk_full(state, path, *, safetensors):
-        with open(path, "wb") as f:
-            f.write(b"half a checkp")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(convert_module, "write_state_dict", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        convert_module.convert(str(tmp_path / "good.ckpt"), str(tmp_path / "out.safetensors"))
+    full_disk_after(monkeypatch, 100_000)
+    assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"),
+                 "--out_path", str(tmp_path / out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"no space left on the device writing {tmp_path / out}" in line and " free in " in line, line
     assert os.listdir(tmp_path) == ["good.ckpt"]
+    monkeypatch.undo()
+    assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"),
+                 "--out_path", str(tmp_path / out)]) == 0  # the rerun, with space again, completes
 
 
 def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, capsys):
@@ -285,8 +304,8 @@ def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, 
     out = tmp_path / "out.safetensors"
     write = convert_module.write_state_dict
 
-    def racing_write(state, path, *, safetensors):
-        write(state, path, safetensors=safetensors)
+    def racing_write(state, file, *, safetensors):
+        write(state, file, safetensors=safetensors)
         out.write_bytes(b"someone else's")
 
     monkeypatch.setattr(convert_module, "write_state_dict", racing_write)
