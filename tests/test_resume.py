@@ -247,3 +247,31 @@ def test_kill_9_then_rerun_writes_only_the_missing(reference, tmp_path):
     reference_pixels, out_pixels = pixels(reference), pixels(out)
     for name, image in reference_pixels.items():  # the first TOTAL images: batches 0 and 1 are the same
         np.testing.assert_array_equal(out_pixels[name], image, err_msg=name)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_completes(reference, tmp_path, monkeypatch, capsys):
+    """ENOSPC (injected at the write call) once 5 images are written: one line naming the path and the free
+    space, the 5 images whole, no temporary file; the same command then finishes pixel-identical."""
+    import pndm_fast.atomic as atomic
+
+    out, written = tmp_path / "out", []
+
+    def write(fd, data):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".png." in name and name not in written:
+            if len(written) == 5:
+                raise OSError(28, "No space left on device")
+            written.append(name)
+        return os.write(fd, data)
+
+    monkeypatch.setattr(atomic, "_write", write)
+    assert main(args(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the device writing" in err and " free in " in err, err
+    assert images(out) == [f"{i:06d}.png" for i in range(5)]
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert main(args(out)) == 0
+    assert pixels(out).keys() == pixels(reference).keys()
+    for name, image in pixels(reference).items():
+        np.testing.assert_array_equal(pixels(out)[name], image, err_msg=name)
