@@ -139,6 +139,11 @@ def create_exclusive(folder: str, name: str) -> tuple[str, int]:
             continue  # 1 in 2**64: draw another name
 
 
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, *, fsync: bool = True, exclusive: bool = False):
     """Yield a new temporary file (binary, write-only) beside `path`; rename it onto `path` when the block succeeds.
@@ -174,6 +179,7 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = True, exclusive: bool 
             written = os.fstat(fd)
         except BaseException as err:
             if file.disk_full or isinstance(err, OSError) and err.errno in DISK_FULL:
+                _discard(tmp)  # first, so that the message tells the space there is without it
                 raise disk_full_error(path) from None
             raise
         finally:
@@ -190,11 +196,11 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = True, exclusive: bool 
             fsync_path(folder)  # the rename is a change to the folder: make it durable too
     except OSError as err:
         if err.errno in DISK_FULL:
+            _discard(tmp)
             raise disk_full_error(path) from None
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        _discard(tmp)
 
 
 @contextlib.contextmanager

@@ -57,8 +57,9 @@ def folder_lock(folder: str | os.PathLike, what: str = "run"):
             raise UserError(f"cannot lock {folder} for this {what} ({err.strerror}): its filesystem offers no "
                             "file locks; write to a local folder") from None
         command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        with contextlib.suppress(OSError):  # on a full disk the record is lost, not the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
         yield path
     finally:
         os.close(fd)  # releases the lock
