@@ -173,17 +173,18 @@ def atomic_file(path: str | os.PathLike, *, fsync: bool = True, exclusive: bool 
     file = _TempFile(fd, tmp)
     try:
         try:
-            yield file
-            if fsync:
-                os.fsync(fd)
-            written = os.fstat(fd)
+            try:
+                yield file
+                if fsync:
+                    os.fsync(fd)
+                written = os.fstat(fd)
+            finally:
+                os.close(fd)
         except BaseException as err:
             if file.disk_full or isinstance(err, OSError) and err.errno in DISK_FULL:
-                _discard(tmp)  # first, so that the message tells the space there is without it
+                _discard(tmp)  # closed and removed first, so that the message tells the space there is without it
                 raise disk_full_error(path) from None
             raise
-        finally:
-            os.close(fd)
         # the temporary name must still be the file written: one swapped for a link meanwhile is not published
         if not os.path.samestat(os.lstat(tmp), written):
             raise UserError(f"the temporary file {tmp} was replaced by someone else while {path} was written; "
