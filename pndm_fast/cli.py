@@ -8,8 +8,6 @@ import sys
 
 from .config import load_config
 from .errors import UserError
-from .plans import PLAN_BUILDERS
-from .sampling import BACKENDS
 
 MODELS = ("DDIM", "iDDPM")
 RUNNERS = ("sample", "train", "check", "convert", "fid")
@@ -23,6 +21,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # torch comes in with these (about 2 s): inside main's handlers, so a Ctrl-C meanwhile is one line too
+    from .plans import PLAN_BUILDERS
+    from .sampling import BACKENDS
+
     p = OneLineParser(prog="pndm-fast", description="PNDM sampling (Liu et al., ICLR 2022), fast and exact.")
     p.add_argument("--runner", default="sample", choices=RUNNERS)
     p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
@@ -151,9 +153,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(build_parser().parse_args(argv))
     except UserError as err:
         print(f"pndm-fast: error: {err}", file=sys.stderr)
         return 2

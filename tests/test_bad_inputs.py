@@ -238,3 +238,21 @@ def snapshot(folder) -> dict:
                 out[os.path.relpath(path, folder)] = (os.readlink(path) if os.path.islink(path)
                                                       else open(path, "rb").read())
     return out
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
+    """SIGINT in the first second, while torch is being imported (about 2 s here), or just after: exit 130 and one
+    line, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pndm_fast", *sample_args(tmp_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip()
+    assert proc.returncode == 130 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("pndm-fast: interrupted")
