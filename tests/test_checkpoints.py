@@ -17,7 +17,6 @@ from pndm_fast import UserError, load_config
 from pndm_fast.cli import main
 from pndm_fast.models import build_model, load_checkpoint, save_state_dict
 from pndm_fast.models.checkpoint import read_state_dict
-from pndm_fast.lock import LOCK_NAME
 from pndm_fast.runners.train import STATE_FILE, load_train_state, train
 
 SHIPPED = os.path.join(os.path.dirname(pndm_fast.__file__), "weights", "digits.safetensors")
@@ -111,8 +110,7 @@ def test_code_executing_train_state_is_refused(tmp_path, capsys):
                  "--device", "cpu", "--no_progress"]) == 2
     assert "would execute code" in one_error_line(capsys.readouterr().err)
     assert not marker.exists()
-    # nothing was written over or beside it, but the folder's lock file (which holds no data)
-    assert sorted(os.listdir(tmp_path)) == sorted([STATE_FILE, LOCK_NAME])
+    assert sorted(os.listdir(tmp_path)) == [STATE_FILE]  # nothing was written over or beside it
 
 
 def test_train_state_that_is_not_one_is_refused(tmp_path):

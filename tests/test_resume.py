@@ -169,8 +169,9 @@ def test_a_running_sampler_locks_its_folder(copy, capsys):
     finally:
         holder.kill()
         holder.wait()
+    assert (copy / LOCK_NAME).exists()  # a killed holder leaves its lock file, unlocked
     assert main(args(copy)) == 0  # the lock died with its holder
-    assert (copy / LOCK_NAME).exists()
+    assert not (copy / LOCK_NAME).exists()  # a run that ends removes it
 
 
 @pytest.mark.parametrize("change,message", [
@@ -275,3 +276,22 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_completes(reference, tmp_
     assert pixels(out).keys() == pixels(reference).keys()
     for name, image in pixels(reference).items():
         np.testing.assert_array_equal(pixels(out)[name], image, err_msg=name)
+
+
+def test_the_checkpoint_hash_is_cached_by_path_and_stat(tmp_path, monkeypatch):
+    """A resume reads the checkpoint's hash from the cache while the file's stat is unchanged (the cache is
+    trusted: a forged entry is believed), and hashes it again once the file was touched (its ctime moved)."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "w.safetensors"
+    shutil.copy(resolve_model_path(None, load_config("digits")), ckpt)
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 0
+    cache_path = sample_runner.hash_cache_path()
+    cache = json.loads(open(cache_path).read())
+    assert list(cache) == [os.path.realpath(ckpt)]
+    cache[os.path.realpath(ckpt)]["sha256"] = "0" * 64
+    open(cache_path, "w").write(json.dumps(cache))
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 2  # the forged hash was used, unread
+    os.utime(ckpt)
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 0  # re-hashed: the real one matches

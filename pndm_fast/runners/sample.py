@@ -112,21 +112,26 @@ IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 # bytes (a retrained ema.ckpt has the same path and size); device, backend and the checkpoint's path are recorded,
 # not compared. Each image also records its own index, compared separately (a copied-over image is rewritten).
 COMPARED = ("config", "checkpoint_sha256", "method", "sample_step", "seed", "dtype", "total_num", "batch_size")
-HASH_CACHE = ".pndm-fast-checkpoints.json"  # in the image folder: checkpoint hashes by path, size, mtime, inode
+def hash_cache_path() -> str:
+    """Where checkpoint hashes are cached: $XDG_CACHE_HOME/pndm_fast (default ~/.cache/pndm_fast)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pndm_fast", "checkpoint-sha256.json")
 
 
 def _stat_key(path: str) -> list:
+    """What changes whenever the file's bytes may have: ctime too, which no one can set back (mtime can be)."""
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def checkpoint_sha256(path: str, folder: str) -> tuple[str, list]:
-    """(sha256 of the checkpoint's bytes, the stat key it belongs to). Cached in `folder`'s HASH_CACHE by real
-    path, size, mtime, inode and device, so a resume does not read a multi-gigabyte checkpoint a second time;
-    a retrained checkpoint is a new file (new inode and mtime) and is hashed again. Call under the folder's lock."""
+def checkpoint_sha256(path: str) -> tuple[str, list]:
+    """(sha256 of the checkpoint's bytes, the stat key it belongs to). Cached (hash_cache_path) by real path and
+    stat key, so a resume does not read a multi-gigabyte checkpoint a second time (about 2 s per GB); a retrained
+    checkpoint, replaced or rewritten in place, has a new stat key and is hashed again. A cache that cannot be
+    read or written is only slower."""
     real = os.path.realpath(path)
     key = _stat_key(real)
-    cache_path = os.path.join(folder, HASH_CACHE)
+    cache_path = hash_cache_path()
     try:
         with open(cache_path) as f:
             cache = json.load(f)
@@ -143,8 +148,9 @@ def checkpoint_sha256(path: str, folder: str) -> tuple[str, list]:
         raise UserError(f"checkpoint {path} changed while it was being read; rerun once it is complete")
     cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if k != real}
     cache[real] = {"stat": key, "sha256": digest.hexdigest()}
-    with atomic_file(cache_path, fsync=False) as f:
-        f.write(json.dumps(cache, sort_keys=True).encode())
+    with contextlib.suppress(OSError, UserError):  # a read-only or full home: no cache, the run goes on
+        with atomic_file(cache_path, fsync=False) as f:
+            f.write(json.dumps(cache, sort_keys=True).encode())
     return digest.hexdigest(), key
 
 
@@ -335,7 +341,7 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
         # under the lock no other run writes here: every temporary file is a leftover of a killed one
         remove_stale_temps(folder)
         stat_loaded = _stat_key(os.path.realpath(checkpoint))
-        checkpoint_hash, stat_hashed = checkpoint_sha256(checkpoint, folder)
+        checkpoint_hash, stat_hashed = checkpoint_sha256(checkpoint)
         if stat_hashed != stat_loaded:
             raise UserError(f"checkpoint {checkpoint} changed while it was being loaded; rerun once it is complete")
     checkpoint_hash = gather(checkpoint_hash)[0]  # rank 0's: one read of the checkpoint, and every rank waits
