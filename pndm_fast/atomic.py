@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
@@ -117,6 +118,10 @@ class _TempFile:
 
     def readable(self) -> bool:
         return False
+
+    def read(self, *args):
+        # np.savez takes an object with `read` for a file (any other for a path), then only writes to it
+        raise io.UnsupportedOperation("a temporary file of atomic_file is write-only")
 
     def seekable(self) -> bool:
         return True
