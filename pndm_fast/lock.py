@@ -3,8 +3,9 @@
 Two samplers with different seeds into one --image_path would each keep the other's images and leave a mix; two
 trainings into one --train_path would replace each other's checkpoints. The second run is refused with one line
 naming the process that holds the folder. flock is released by the kernel when the holder dies, even by kill -9,
-so a killed run never leaves the folder locked (its lock file stays, unlocked), and it works between containers that share the folder (other PID
-namespaces) on one machine, where a process id says nothing. On NFS, Linux maps flock to the server's locks.
+so a killed run never leaves the folder locked (its lock file stays, unlocked), and it works between containers
+that share the folder (other PID namespaces) on one machine, where a process id says nothing. On NFS, Linux maps
+flock to the server's locks.
 """
 
 from __future__ import annotations

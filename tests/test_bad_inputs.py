@@ -5,7 +5,6 @@ import copy
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -146,8 +145,8 @@ CASES = {
     "another program's file": (with_file(lambda t: (t / "out" / "000000.png").write_text("notes")),
                                "records no pndm-fast sampling settings"),
     "image folder in use": (held(lambda t: sample_args(t)), "is in use by process"),
-    "grid is the checkpoint": (plain(lambda t: sample_args(t, "--model_path", str(shutil.copy(WEIGHTS, t / "w.safetensors")),
-                                                           "--grid", str(t / "w.safetensors"))),
+    "grid is the checkpoint": (plain(lambda t: sample_args(
+        t, "--model_path", str(shutil.copy(WEIGHTS, t / "w.safetensors")), "--grid", str(t / "w.safetensors"))),
                                "is the checkpoint --model_path names"),
     "grid is an image of the run": (plain(lambda t: sample_args(t, "--grid", str(t / "out" / "000001.png"))),
                                     "named like an image of the run"),
@@ -193,11 +192,13 @@ CASES = {
     "restart without a state": (plain(lambda t: train_args(t, "--restart")), "--restart needs"),
     "state step as text": (tampered_state(lambda s: s.update(step="1")), "wrong type in step"),
     "state model a list": (tampered_state(lambda s: s.update(model=[1, 2])), "wrong type in model"),
-    "state optimizer of another model": (tampered_state(lambda s: s.update(optimizer={"state": {}, "param_groups": []})),
-                                         "optimizer state of another optimizer or model"),
+    "state optimizer of another model": (
+        tampered_state(lambda s: s.update(optimizer={"state": {}, "param_groups": []})),
+        "optimizer state of another optimizer or model"),
     "state EMA of another model": (tampered_state(lambda s: s["ema"].pop("conv_in.weight")), "of another shape"),
-    "state that runs code": (lambda t, m, trained: shutil.copytree(trained, t / "run") and malicious(t / "run", STATE_FILE)
-                             or train_args(t, "--restart"), "loading it would execute code"),
+    "state that runs code": (lambda t, m, trained: shutil.copytree(trained, t / "run")
+                             and malicious(t / "run", STATE_FILE) or train_args(t, "--restart"),
+                             "loading it would execute code"),
     "full disk (training)": (no_space(STATE_FILE, lambda t: train_args(t)), "no space left on the device writing"),
     # convert
     "convert onto an existing file": (plain(lambda t: (t / "o.ckpt").write_bytes(b"keep") and [
