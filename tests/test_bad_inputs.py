@@ -241,10 +241,10 @@ def snapshot(folder) -> dict:
     return out
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0])
-def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
-    """SIGINT in the first second, while torch is being imported (about 2 s here), or just after: exit 130 and one
-    line, no traceback."""
+@pytest.mark.parametrize("when", ["torch loading", "1 s later"])
+def test_ctrl_c_while_starting_is_one_line(tmp_path, when):
+    """SIGINT while torch is being imported (its library just mapped into the process; the import takes about
+    2 s here), or a second later: exit 130 and one line, no traceback."""
     import signal
     import subprocess
     import sys
@@ -252,8 +252,18 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, delay):
 
     proc = subprocess.Popen([sys.executable, "-m", "pndm_fast", *sample_args(tmp_path)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(delay)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.005)
+    if when == "1 s later":
+        time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1].strip()
-    assert proc.returncode == 130 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    # 130, or death by SIGINT itself (a shell shows 130 for both): CPython re-sends SIGINT to itself at exit when a
+    # KeyboardInterrupt ended a nested run of code, as one inside torch's import can, though main() caught it
+    assert proc.returncode in (130, -signal.SIGINT), proc.returncode
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("pndm-fast: interrupted")
