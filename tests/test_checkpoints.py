@@ -311,3 +311,24 @@ def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, 
     assert "appeared while converting; it was left as it is" in one_error_line(capsys.readouterr().err)
     assert out.read_bytes() == b"someone else's"
     assert sorted(os.listdir(tmp_path)) == ["good.ckpt", "out.safetensors"]
+
+
+@pytest.mark.parametrize("order", ['5', '{"w": 1}', '["w", ["x"]]', '[1, 2]', 'not json'])
+def test_key_order_metadata_of_the_wrong_type_is_not_a_traceback(order, tmp_path, capsys):
+    """The key-order entry of a .safetensors header, when it is not a list of the file's keys (another program's,
+    or edited), is ignored: the tensors load in the file's order, as a file from elsewhere does; a value that is
+    not even JSON is refused in one line. Before, a number or a list of lists there raised a TypeError."""
+    import json
+    import struct
+
+    from pndm_fast.models.checkpoint import KEY_ORDER, read_state_dict
+
+    header = json.dumps({"__metadata__": {KEY_ORDER: order}, "w": {"dtype": "F32", "shape": [1],
+                                                                  "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.5))
+    if order == "not json":
+        with pytest.raises(UserError, match="not a valid .safetensors file"):
+            read_state_dict(path)
+    else:
+        assert read_state_dict(path) == {"w": torch.tensor([1.5])}
