@@ -8,9 +8,6 @@ import sys
 
 from .config import load_config
 from .errors import UserError
-from .grids import ENDS, GRID_NAMES
-from .methods import METHODS
-from .sampling import BACKENDS
 
 MODELS = ("DDIM", "iDDPM")
 RUNNERS = ("sample", "train", "check", "convert", "fid")
@@ -24,6 +21,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # torch comes in with these (about 2 s): inside main's handlers, so a Ctrl-C meanwhile is one line too
+    from .grids import ENDS, GRID_NAMES
+    from .methods import METHODS
+    from .sampling import BACKENDS
+
     p = OneLineParser(prog="pndm-fast", description="PNDM sampling (Liu et al., ICLR 2022), fast and exact.")
     p.add_argument("--runner", default="sample", choices=RUNNERS)
     p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_timesteps(text: str):
     """A grid name, or comma-separated numbers (an explicit list of times)."""
+    from .grids import GRID_NAMES
+
     if text in GRID_NAMES or "," not in text and not text.replace(".", "", 1).isdigit():
         return text
     try:
@@ -243,14 +247,15 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(build_parser().parse_args(argv))
     except UserError as err:
         print(f"pndm-fast: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pndm-fast: interrupted; images already written are complete", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # training says which step it saved; elsewhere every file is written atomically, so none is partial
+        message = err.args[0] if err.args else "interrupted; every file already written is complete"
+        print(f"pndm-fast: {message}", file=sys.stderr)
         return 130
 
 

@@ -248,15 +248,42 @@ def validate_config(config, prefix: str = "config") -> None:
             sample.integer(key, maximum=MAX_TOTAL_NUM)
     if sample.values.get("model_path") is not None and not isinstance(sample.values["model_path"], str):
         raise sample.error("model_path", sample.values["model_path"], "a checkpoint path or file name")
+    validate_training(config, prefix)
+
+
+def validate_training(config: dict, prefix: str = "config") -> None:
+    """Check every field the training runner reads from Train and Optim (and Dataset.random_flip), when present,
+    as the sampling fields are checked: a number given as text, a flag given as "no" (which Python reads as true),
+    beta1 outside [0, 1) or a negative grad_clip (which would ascend the gradient) would otherwise train wrongly
+    without a word, or fail deep inside torch."""
     train = _Section(config, "Train", prefix, required=False)
     for key in ("epoch", "max_steps", "save_every"):
         if train.values.get(key) is not None:
             train.integer(key, maximum=2**62)
     if "ema_rate" in train.values:
         train.number("ema_rate", low=0.0, high=1.0, low_open=False, high_open=False)
+    if "ema" in train.values:
+        train.flag("ema")
+    if "loss_type" in train.values:
+        train.choice("loss_type", ("linear", "square"))
     optim = _Section(config, "Optim", prefix, required=False)
+    if "optimizer" in optim.values:
+        optim.choice("optimizer", ("adam", "sgd"))
     if "lr" in optim.values:
         optim.number("lr", low=0.0, high=math.inf)
+    if "weight_decay" in optim.values:
+        optim.number("weight_decay", low=0.0, high=math.inf, low_open=False)
+    if "beta1" in optim.values:
+        optim.number("beta1", low=0.0, high=1.0, low_open=False)
+    if "eps" in optim.values:
+        optim.number("eps", low=0.0, high=math.inf)
+    if "amsgrad" in optim.values:
+        optim.flag("amsgrad")
+    if optim.values.get("grad_clip") is not None:  # null: no clipping
+        optim.number("grad_clip", low=0.0, high=math.inf)
+    data = _Section(config, "Dataset", prefix, required=False)
+    if "random_flip" in data.values:
+        data.flag("random_flip")
 
 
 # Images are named 000000.png .. 999999.png: six digits keep them fixed-width and in order.

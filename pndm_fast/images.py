@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from .atomic import atomic_path
+from .atomic import atomic_file
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -28,15 +28,15 @@ def _pil(pixels: np.ndarray) -> Image.Image:
 
 def write_png_atomic(pixels: np.ndarray, path: str, *, text: dict[str, str] | None = None,
                      fsync: bool = True) -> None:
-    """Write a PNG so that a reader never sees a partial file under `path` (see atomic_path), with `text` as
+    """Write a PNG so that a reader never sees a partial file under `path` (see atomic_file), with `text` as
     tEXt chunks (key -> value)."""
     info = None
     if text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    with atomic_path(path, fsync=fsync) as tmp:
-        _pil(pixels).save(tmp, format="PNG", pnginfo=info)
+    with atomic_file(path, fsync=fsync) as file:
+        _pil(pixels).save(file, format="PNG", pnginfo=info)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -63,6 +63,31 @@ def png_chunks_intact(data: bytes) -> bool:
             return end + 4 == len(data)
         pos = end + 4
     return False
+
+
+def png_text(data: bytes) -> dict[str, str]:
+    """The tEXt chunks (key -> value) of PNG bytes that may be cut short or damaged further on: each chunk up to
+    the first broken one, counted only when its own CRC matches, and, when the bytes end inside a tEXt chunk,
+    the part of it that is there (a value cut short). Pillow writes tEXt before the pixel data, so a file of this
+    module's that lost its end or had a pixel bit flipped still says which program wrote it."""
+    text: dict[str, str] = {}
+    if not data.startswith(PNG_SIGNATURE):
+        return text
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        end = pos + 8 + length
+        body = data[pos + 8: end]
+        cut = end + 4 > len(data)
+        if not cut and zlib.crc32(data[pos + 4: end]) != struct.unpack(">I", data[end: end + 4])[0]:
+            break
+        if kind == b"tEXt" and b"\0" in body:
+            key, value = body.split(b"\0", 1)
+            text[key.decode("latin-1")] = value.decode("latin-1")
+        if cut or kind in (b"IDAT", b"IEND"):
+            break
+        pos = end + 4
+    return text
 
 
 def read_png(path: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, str]] | None:

@@ -264,18 +264,35 @@ def test_convert_refusals(tmp_path, capsys):
         capsys, tmp_path, "--config", "ddim-cifar10", "--model_path", str(good), "--out_path", out)
 
 
-def test_failed_write_leaves_no_output(tmp_path, monkeypatch):
+def full_disk_after(monkeypatch, nbytes: int) -> None:
+    """A disk that fills up after `nbytes` more bytes: ENOSPC injected at the one call through which every
+    temporary file's bytes go (pndm_fast.atomic._write), as a real full disk raises it from write(2)."""
+    import pndm_fast.atomic as atomic
+
+    left = [nbytes]
+
+    def write(fd, data):
+        if left[0] <= 0:
+            raise OSError(28, "No space left on device")
+        n = os.write(fd, bytes(data[: left[0]]))
+        left[0] -= n
+        return n
+
+    monkeypatch.setattr(atomic, "_write", write)
+
+
+@pytest.mark.parametrize("out", ["out.safetensors", "out.ckpt"])
+def test_a_full_disk_is_one_line_and_leaves_no_output(tmp_path, monkeypatch, capsys, out):
     save_state_dict(build_model(load_config("digits")).state_dict(), tmp_path / "good.ckpt")
-
-    def disk_full(state, path, *, safetensors):
-        with open(path, "wb") as f:
-            f.write(b"half a checkp")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(convert_module, "write_state_dict", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        convert_module.convert(str(tmp_path / "good.ckpt"), str(tmp_path / "out.safetensors"))
+    full_disk_after(monkeypatch, 100_000)
+    assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"),
+                 "--out_path", str(tmp_path / out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"no space left on the device writing {tmp_path / out}" in line and " free in " in line, line
     assert os.listdir(tmp_path) == ["good.ckpt"]
+    monkeypatch.undo()
+    assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"),
+                 "--out_path", str(tmp_path / out)]) == 0  # the rerun, with space again, completes
 
 
 def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, capsys):
@@ -285,8 +302,8 @@ def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, 
     out = tmp_path / "out.safetensors"
     write = convert_module.write_state_dict
 
-    def racing_write(state, path, *, safetensors):
-        write(state, path, safetensors=safetensors)
+    def racing_write(state, file, *, safetensors):
+        write(state, file, safetensors=safetensors)
         out.write_bytes(b"someone else's")
 
     monkeypatch.setattr(convert_module, "write_state_dict", racing_write)
@@ -294,3 +311,24 @@ def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, 
     assert "appeared while converting; it was left as it is" in one_error_line(capsys.readouterr().err)
     assert out.read_bytes() == b"someone else's"
     assert sorted(os.listdir(tmp_path)) == ["good.ckpt", "out.safetensors"]
+
+
+@pytest.mark.parametrize("order", ['5', '{"w": 1}', '["w", ["x"]]', '[1, 2]', 'not json'])
+def test_key_order_metadata_of_the_wrong_type_is_not_a_traceback(order, tmp_path, capsys):
+    """The key-order entry of a .safetensors header, when it is not a list of the file's keys (another program's,
+    or edited), is ignored: the tensors load in the file's order, as a file from elsewhere does; a value that is
+    not even JSON is refused in one line. Before, a number or a list of lists there raised a TypeError."""
+    import json
+    import struct
+
+    from pndm_fast.models.checkpoint import KEY_ORDER, read_state_dict
+
+    header = json.dumps({"__metadata__": {KEY_ORDER: order}, "w": {"dtype": "F32", "shape": [1],
+                                                                  "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<f", 1.5))
+    if order == "not json":
+        with pytest.raises(UserError, match="not a valid .safetensors file"):
+            read_state_dict(path)
+    else:
+        assert read_state_dict(path) == {"w": torch.tensor([1.5])}

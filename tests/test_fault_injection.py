@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -32,6 +33,27 @@ def test_script_reports_nothing_lost(tmp_path):
                and "0 temporary files left" in line for line in lines), done.stdout
     assert any(line.startswith("training: 1 trials") and "0 broken checkpoints" in line
                and "bitwise equal to the uninterrupted run in 1 of 1" in line for line in lines), done.stdout
+    kinds = ("concurrent sampling", "concurrent training", "full disk (sampling)", "full disk (training)",
+             "planted links", "retrained checkpoint")
+    assert any(line.startswith("faults: ") and all(f"{kind} 1 of 1 survived" in line for kind in kinds)
+               for line in lines), done.stdout
+    assert lines[-1] == ("total: 8 fault attempts, 8 survived; images or checkpoints: 0 lost, 0 mixed, "
+                         "0 corrupt"), done.stdout
+
+
+def test_script_notices_a_refusal_that_is_not_one_line_and_mixed_images(tmp_path):
+    """The fault checks can fail: a traceback is not a refusal, and an image of another run counts as mixed."""
+    script = load_script()
+    assert script.one_line_refusal(2, "pndm-fast: error: /x is in use by process 7\n", "in use")
+    assert not script.one_line_refusal(1, "Traceback (most recent call last):\n  ...\nOSError: [Errno 28]\n")
+    assert not script.one_line_refusal(2, "pndm-fast: error: no space\nTraceback ...\n")
+    from PIL import Image
+
+    Image.new("L", (16, 16), 0).save(tmp_path / "000000.png")
+    Image.new("L", (16, 16), 7).save(tmp_path / "000001.png")
+    reference = {name: np.zeros((16, 16, 1), np.uint8) for name in ("000000.png", "000001.png")}
+    counts = script.compare_images(str(tmp_path), (1, 16, 16), reference, total=3)
+    assert counts == {"lost": 1, "corrupt": 0, "temps": 0, "mixed": 1}
 
 
 def test_script_notices_a_damaged_image(tmp_path):

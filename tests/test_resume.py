@@ -16,6 +16,8 @@ from PIL import Image
 import pndm_fast.runners.sample as sample_runner
 from pndm_fast import load_config
 from pndm_fast.atomic import remove_stale_temps, temp_name
+from pndm_fast.lock import LOCK_NAME
+from pndm_fast.models import save_state_dict
 from pndm_fast.cli import main
 from pndm_fast.runners.sample import resolve_model_path
 
@@ -36,13 +38,17 @@ def args(folder, *extra, total=TOTAL) -> list:
 
 
 def pixels(folder) -> dict:
-    return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))}
+    return {name: np.asarray(Image.open(os.path.join(folder, name))) for name in images(folder)}
 
 
 def stats(folder) -> dict:
-    """(inode, mtime) per file: a file rewritten by atomic rename gets a new inode."""
-    return {name: (st.st_ino, st.st_mtime_ns) for name in os.listdir(folder)
+    """(inode, mtime) per image: a file rewritten by atomic rename gets a new inode."""
+    return {name: (st.st_ino, st.st_mtime_ns) for name in os.listdir(folder) if not name.startswith(".")
             for st in [os.stat(os.path.join(folder, name))]}
+
+
+def images(folder) -> list:
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +109,67 @@ def test_damaged_images_are_regenerated_and_the_rest_kept(copy, reference, model
         np.testing.assert_array_equal(pixels(copy)[name], image, err_msg=name)
 
 
-def test_wrong_size_or_mode_is_regenerated(copy, reference, model_calls):
-    Image.new("L", (8, 8)).save(copy / "000004.png")  # a whole PNG, but not a 16x16 digit
-    Image.new("RGB", (16, 16)).save(copy / "000005.png")  # right size, wrong mode
+@pytest.mark.parametrize("make", [
+    lambda path: Image.new("L", (32, 32)).save(path),  # a whole PNG of another config's size
+    lambda path: Image.new("RGB", (16, 16)).save(path),  # right size, another mode
+    lambda path: path.write_bytes(b"not a png, someone's notes"),
+    lambda path: path.mkdir(),  # a folder named like an image
+    lambda path: path.symlink_to(path.parent / "elsewhere.png"),  # a link, even to nothing
+], ids=["other-size", "other-mode", "text", "folder", "link"])
+def test_anything_not_ours_is_refused_and_kept(copy, model_calls, capsys, make):
+    """Only images that carry this program's settings record are ever rewritten: a file of another size or mode
+    (another config's run, another program's) is refused with one line and left as it was."""
+    os.remove(copy / "000004.png")
+    make(copy / "000004.png")
+    def entries():
+        return {name: (st.st_ino, st.st_mode, st.st_mtime_ns) for name in images(copy)
+                for st in [os.lstat(copy / name)]}
+
+    before = entries()
+    assert main(args(copy)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "000004.png" in err and "Traceback" not in err, err
+    assert model_calls == [] and entries() == before
+
+
+def test_a_copied_over_image_is_rewritten(copy, reference, model_calls):
+    """Each image records its own index: image 1 copied onto 000006.png is not kept as image 6."""
+    shutil.copy(copy / "000001.png", copy / "000006.png")
     assert main(args(copy)) == 0
-    assert model_calls == [BATCH]  # only batch 1 (images 4..7)
-    np.testing.assert_array_equal(pixels(copy)["000004.png"], pixels(reference)["000004.png"])
-    np.testing.assert_array_equal(pixels(copy)["000005.png"], pixels(reference)["000005.png"])
+    assert model_calls == [BATCH]
+    np.testing.assert_array_equal(pixels(copy)["000006.png"], pixels(reference)["000006.png"])
 
 
 def test_leftover_temporary_files_are_removed(copy):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = temp_name("000003.png", dead.pid)
-    live = temp_name("000002.png", os.getpid())  # a writer that is still running keeps its file
-    for name in (stale, live):
+    """Under the folder's lock no other run writes there, so every temporary file is a leftover, whatever
+    process (or PID namespace) made it."""
+    left = [temp_name("000003.png"), temp_name("000002.png")]
+    for name in left:
         (copy / name).write_bytes(b"partial")
     assert main(args(copy)) == 0
-    assert not (copy / stale).exists() and (copy / live).exists()
-    os.remove(copy / live)
-    assert remove_stale_temps(copy) == [] and sorted(os.listdir(copy)) == [f"{i:06d}.png" for i in range(TOTAL)]
+    assert images(copy) == [f"{i:06d}.png" for i in range(TOTAL)]
+    assert remove_stale_temps(copy) == []
+
+
+def test_a_running_sampler_locks_its_folder(copy, capsys):
+    """A second run into a folder that a live run holds is refused with one line naming the holder; the lock
+    goes with the holder (here a subprocess that takes it and waits)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pndm_fast.lock import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+                               str(copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = stats(copy)
+        assert main(args(copy, "--seed", "1")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"in use by process {holder.pid}" in err, err
+        assert stats(copy) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (copy / LOCK_NAME).exists()  # a killed holder leaves its lock file, unlocked
+    assert main(args(copy)) == 0  # the lock died with its holder
+    assert not (copy / LOCK_NAME).exists()  # a run that ends removes it
 
 
 @pytest.mark.parametrize("change,message", [
@@ -140,18 +187,37 @@ def test_other_settings_are_refused(copy, capsys, change, message):
     assert {name: (copy / name).read_bytes() for name in os.listdir(copy)} == before
 
 
-def test_another_checkpoint_is_refused(copy, tmp_path, capsys):
+def test_the_same_checkpoint_elsewhere_is_accepted(copy, tmp_path, model_calls):
+    """The checkpoint is identified by its content: the same bytes under another path resume the folder."""
     other = tmp_path / "same-weights-elsewhere.safetensors"
     shutil.copy(resolve_model_path(None, load_config("digits")), other)
-    assert main(args(copy, "--model_path", str(other))) == 2
-    assert "was made with checkpoint" in capsys.readouterr().err
+    assert main(args(copy, "--model_path", str(other))) == 0 and model_calls == []
+
+
+def test_a_retrained_checkpoint_of_the_same_size_is_refused(tmp_path, capsys):
+    """A retrained ema.ckpt has the same path and size as the one the images were made with: refused by its
+    content hash, though a first run wrote images with the old one (and even with the mtime restored)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(resolve_model_path(None, load_config("digits")))
+    ckpt, out = tmp_path / "ema.safetensors", tmp_path / "out"
+    save_state_dict(weights, ckpt)
+    assert main(args(out, "--model_path", str(ckpt), total=BATCH)) == 0
+    first = {name: (out / name).read_bytes() for name in images(out)}
+    mtime = os.stat(ckpt).st_mtime_ns
+    save_state_dict({k: v * 1.001 if v.is_floating_point() else v for k, v in weights.items()}, ckpt)
+    os.utime(ckpt, ns=(mtime, mtime))
+    assert main(args(out, "--model_path", str(ckpt))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint of other content" in err, err
+    assert {name: (out / name).read_bytes() for name in images(out)} == first
 
 
 def test_foreign_images_are_refused(tmp_path, capsys):
     Image.new("L", (16, 16)).save(tmp_path / "000000.png")  # whole and the right size, but of unknown origin
     assert main(args(tmp_path)) == 2
     assert "records no pndm-fast sampling settings" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["000000.png"]
+    assert images(tmp_path) == ["000000.png"]
 
 
 def test_kill_9_then_rerun_writes_only_the_missing(reference, tmp_path):
@@ -174,8 +240,56 @@ def test_kill_9_then_rerun_writes_only_the_missing(reference, tmp_path):
     assert f"found {len(survivors)} of {total} images" in done.stdout
     assert f"wrote {total - len(survivors)} images" in done.stdout
     after = stats(out)
-    assert sorted(after) == [f"{i:06d}.png" for i in range(total)]  # no temporary file either
+    assert sorted(after) == [f"{i:06d}.png" for i in range(total)]
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]  # no temporary file either
     assert {name: after[name] for name in survivors} == survivors
     reference_pixels, out_pixels = pixels(reference), pixels(out)
     for name, image in reference_pixels.items():  # the first TOTAL images: batches 0 and 1 are the same
         np.testing.assert_array_equal(out_pixels[name], image, err_msg=name)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_rerun_completes(reference, tmp_path, monkeypatch, capsys):
+    """ENOSPC (injected at the write call) once 5 images are written: one line naming the path and the free
+    space, the 5 images whole, no temporary file; the same command then finishes pixel-identical."""
+    import pndm_fast.atomic as atomic
+
+    out, written = tmp_path / "out", []
+
+    def write(fd, data):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".png." in name and name not in written:
+            if len(written) == 5:
+                raise OSError(28, "No space left on device")
+            written.append(name)
+        return os.write(fd, data)
+
+    monkeypatch.setattr(atomic, "_write", write)
+    assert main(args(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the device writing" in err and " free in " in err, err
+    assert images(out) == [f"{i:06d}.png" for i in range(5)]
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert main(args(out)) == 0
+    assert pixels(out).keys() == pixels(reference).keys()
+    for name, image in pixels(reference).items():
+        np.testing.assert_array_equal(pixels(out)[name], image, err_msg=name)
+
+
+def test_the_checkpoint_hash_is_cached_by_path_and_stat(tmp_path, monkeypatch):
+    """A resume reads the checkpoint's hash from the cache while the file's stat is unchanged (the cache is
+    trusted: a forged entry is believed), and hashes it again once the file was touched (its ctime moved)."""
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "w.safetensors"
+    shutil.copy(resolve_model_path(None, load_config("digits")), ckpt)
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 0
+    cache_path = sample_runner.hash_cache_path()
+    cache = json.loads(open(cache_path).read())
+    assert list(cache) == [os.path.realpath(ckpt)]
+    cache[os.path.realpath(ckpt)]["sha256"] = "0" * 64
+    open(cache_path, "w").write(json.dumps(cache))
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 2  # the forged hash was used, unread
+    os.utime(ckpt)
+    assert main(args(tmp_path / "out", "--model_path", str(ckpt))) == 0  # re-hashed: the real one matches

@@ -4,6 +4,7 @@ every missing input is a one-line UserError."""
 import copy
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from PIL import Image
 from pndm_fast import UserError, load_config
 from pndm_fast.data import load_dataset
 from pndm_fast.models import build_model, load_checkpoint
+from pndm_fast.atomic import temp_name
+from pndm_fast.lock import LOCK_NAME
 from pndm_fast.runners.train import EMA_FILE, STATE_FILE, random_flip, train
 
 
@@ -34,6 +37,11 @@ def tiny_config(**train) -> dict:
     config["Train"].update({"save_every": 1000, "ema_rate": 0.9, **train})
     config["Optim"]["lr"] = 1e-3
     return config
+
+
+def files(folder) -> list:
+    """The files of a training folder but its lock file (kept there between runs)."""
+    return sorted(name for name in os.listdir(folder) if name != LOCK_NAME)
 
 
 def read_state(folder) -> dict:
@@ -97,10 +105,10 @@ def test_a_crash_between_the_two_checkpoint_files_leaves_a_resumable_folder(run_
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(save_every=3), str(tmp_path), max_steps=6, progress=False)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == [STATE_FILE]
-    (tmp_path / f".{STATE_FILE}.999999999.tmp").write_bytes(b"half a checkpoint")  # a writer killed mid-save
+    assert files(tmp_path) == [STATE_FILE]
+    (tmp_path / temp_name(STATE_FILE)).write_bytes(b"half a checkpoint")  # a writer killed mid-save
     train(tiny_config(save_every=3), str(tmp_path), restart=True, max_steps=6, progress=False)
-    assert sorted(os.listdir(tmp_path)) == sorted([EMA_FILE, STATE_FILE])
+    assert files(tmp_path) == sorted([EMA_FILE, STATE_FILE])
     assert_bitwise_equal(read_state(run_a[0])["model"], read_state(tmp_path)["model"], "model")
     ema_a = torch.load(run_a[0] / EMA_FILE, weights_only=True)
     assert_bitwise_equal(ema_a, torch.load(tmp_path / EMA_FILE, weights_only=True), "ema.ckpt")
@@ -108,7 +116,7 @@ def test_a_crash_between_the_two_checkpoint_files_leaves_a_resumable_folder(run_
 
 def test_saves_are_atomic_and_loadable(run_a):
     folder, _ = run_a
-    assert sorted(os.listdir(folder)) == sorted([EMA_FILE, STATE_FILE])  # no temporary files left behind
+    assert files(folder) == sorted([EMA_FILE, STATE_FILE])  # no temporary files left behind
     config = tiny_config()
     load_checkpoint(build_model(config), folder / EMA_FILE)  # strict keys and shapes
     state = read_state(folder)
@@ -203,3 +211,84 @@ def test_image_folder_without_images(tmp_path):
 def test_dataset_needs_a_path():
     with pytest.raises(UserError, match="--data_path"):
         load_dataset(dataset_config("CIFAR10", 32, 3))
+
+
+def test_divergence_stops_before_saving_and_keeps_the_last_good_checkpoint(tmp_path):
+    """lr 1e30: Adam's first step moves every weight by about 1e30 (still finite, saved at step 1); the next loss
+    overflows. The run stops with a UserError before that step is saved: the checkpoint on disk stays finite and
+    is the step-1 one, not NaN weights at the end."""
+    config = tiny_config(save_every=1)
+    config["Optim"]["lr"] = 1e30
+    with pytest.raises(UserError, match="training diverged") as err:
+        train(config, str(tmp_path), max_steps=6, progress=False)
+    assert len(str(err.value).splitlines()) == 1
+    state = read_state(tmp_path)
+    assert 1 <= state["step"] < 6 and f"last checkpoint (step {state['step']})" in str(err.value)
+    for name in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in state[name].values()), name
+    assert all(torch.isfinite(v).all() for v in torch.load(tmp_path / EMA_FILE, weights_only=True).values())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_current_step_and_restart_is_bitwise_exact(run_a, tmp_path, monkeypatch, signum):
+    """SIGINT or SIGTERM during step 2 (no save is due until step 3): the step is finished and saved, the run
+    stops, and --restart ends bitwise where the uninterrupted 6-step run ends."""
+    import pndm_fast.runners.train as train_module
+
+    exact, calls = train_module.train_step, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signum)  # arrives mid-step, as a Ctrl-C would
+        return exact(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", signalled)
+    with pytest.raises(train_module.TrainingInterrupted, match=f"{signum.name} after step 2, which is saved in"):
+        train(tiny_config(save_every=3), str(tmp_path), max_steps=6, progress=False)
+    monkeypatch.undo()
+    assert read_state(tmp_path)["step"] == 2 and files(tmp_path) == sorted([EMA_FILE, STATE_FILE])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    train(tiny_config(save_every=3), str(tmp_path), restart=True, max_steps=6, progress=False)
+    for key in ("model", "optimizer", "ema", "step"):
+        assert_bitwise_equal(read_state(run_a[0])[key], read_state(tmp_path)[key], key)
+
+
+def test_the_command_line_says_where_an_interrupted_training_was_saved(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    import pndm_fast.runners.train as train_module
+    from pndm_fast.cli import main
+
+    exact = train_module.train_step
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return exact(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    (tmp_path / "tiny.yml").write_text(yaml.safe_dump(tiny_config()))
+    folder = tmp_path / "run"
+    assert main(["--runner", "train", "--config", str(tmp_path / "tiny.yml"), "--train_path", str(folder),
+                 "--max_steps", "4", "--no_progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "after step 1, which is saved in" in err and "--restart" in err, err
+    assert "image" not in err and read_state(folder)["step"] == 1
+
+
+def test_a_second_training_into_a_held_folder_is_refused(tmp_path):
+    """Two trainings with different seeds into one folder: the second is refused while the first holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pndm_fast.lock import folder_lock\n"
+                               "with folder_lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by process {holder.pid}"):
+            train(tiny_config(), str(tmp_path), max_steps=1, seed=1, progress=False)
+        assert files(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file
 from ..errors import UserError, first_line
 
 _SHOWN = 3  # how many offending keys an error message names
@@ -35,9 +35,12 @@ def _names(keys: list[str]) -> str:
 
 def _reason(err: Exception) -> str:
     """The informative line of a load error: torch's weights_only refusal buries it after a paragraph of
-    advice ("WeightsUnpickler error: Unsupported global: GLOBAL io.open ...")."""
+    advice ("WeightsUnpickler error: Unsupported global: GLOBAL io.open ...", or for a blocked module such as
+    os, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.")."""
     text = str(err).split("WeightsUnpickler error:", 1)[-1]
-    return first_line(text if text.strip() else err).split(". Please")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return first_line(named[0] if named else text if text.strip() else err).split(". Please")[0].rstrip(".")
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -60,7 +63,7 @@ def torch_load(path: str, map_location="cpu", what: str = "checkpoint"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every failure here means the same thing to the user
         reason = _reason(err)
-        if "Unsupported global" in reason or "Unsupported class" in reason:
+        if "GLOBAL" in reason or "Unsupported class" in reason:
             raise UserError(
                 f"{what} {path}: loading it would execute code and was refused ({reason}); only plain state "
                 "dicts of tensors are read (torch.load weights_only=True): re-save model.state_dict() alone, "
@@ -78,7 +81,8 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         with safe_open(path, framework="pt", device="cpu") as f:
             keys, metadata = list(f.keys()), f.metadata() or {}
             order = json.loads(metadata[KEY_ORDER]) if KEY_ORDER in metadata else None
-            if order is None or sorted(order) != sorted(keys):
+            if not (isinstance(order, list) and all(isinstance(k, str) for k in order)
+                    and sorted(order) == sorted(keys)):
                 order = keys  # written by another program: its header order (sorted by safetensors)
             return {k: f.get_tensor(k) for k in order}
     except (SafetensorError, OSError, ValueError) as err:  # ValueError: a corrupt KEY_ORDER entry
@@ -122,7 +126,8 @@ def strip_data_parallel_prefix(state: Mapping[str, torch.Tensor],
 
 def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: str) -> None:
     """UserError unless `state` has exactly the keys of `expected` (a model's state_dict(), possibly on the
-    meta device) with the same shapes; dtypes may differ (they are cast on load)."""
+    meta device) with the same shapes, and floating-point tensors where the model has them (float dtypes may
+    differ: they are cast on load)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -130,6 +135,16 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
             f"checkpoint {path} does not match the model: {len(missing)} missing keys ({_names(missing)}), "
             f"{len(unexpected)} unexpected keys ({_names(unexpected)}); check that the config's Model section "
             "is the one the checkpoint was trained with"
+        )
+    # a float parameter read from an integer, bool or complex tensor would be cast without a word (int32 weights
+    # truncated, complex ones dropping their imaginary part): refused instead
+    cast = [k for k in expected if expected[k].is_floating_point() and not state[k].is_floating_point()]
+    if cast:
+        shown = ", ".join(f"{k} ({str(state[k].dtype).replace('torch.', '')})" for k in cast[:_SHOWN])
+        more = f", ... {len(cast) - _SHOWN} more" if len(cast) > _SHOWN else ""
+        raise UserError(
+            f"checkpoint {path} has {len(cast)} tensors that are not floating point where the model's are: "
+            f"{shown}{more}; it is not a checkpoint of this model's weights (convert it to float where it was made)"
         )
     wrong = [k for k in expected if state[k].shape != expected[k].shape]
     if wrong:
@@ -169,17 +184,19 @@ def _unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically: to a temporary file in the same folder, then os.replace, so that a
-    crash mid-write never leaves a truncated checkpoint under `path`. safetensors for .safetensors (key order
-    kept in its metadata), else torch.save."""
-    with atomic_path(path) as tmp:
-        write_state_dict(state_dict, tmp, safetensors=is_safetensors(path))
+    """Write a state dict atomically: to a new temporary file in the same folder (created exclusively, never
+    through a link), then os.replace, so that a crash mid-write never leaves a truncated checkpoint under `path`.
+    safetensors for .safetensors (key order kept in its metadata), else torch.save."""
+    with atomic_file(path) as file:
+        write_state_dict(state_dict, file, safetensors=is_safetensors(path))
 
 
-def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: str, *, safetensors: bool) -> None:
-    """The plain, non-atomic write behind save_state_dict (callers pick the final name themselves)."""
+def write_state_dict(state_dict: Mapping[str, torch.Tensor], file, *, safetensors: bool) -> None:
+    """The plain, non-atomic write behind save_state_dict into an open binary `file` (callers pick the final name
+    themselves). safetensors' own save_file would create the file itself, mode 0600 and following links; its
+    bytes go through `file` instead (the file's mode is then the umask's, like every other output)."""
     if safetensors:
         tensors = _unshared(state_dict)
-        save_file(tensors, path, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))})
+        file.write(safetensors_bytes(tensors, metadata={"format": "pt", KEY_ORDER: json.dumps(list(tensors))}))
     else:
-        torch.save(dict(state_dict), path)
+        torch.save(dict(state_dict), file)

@@ -44,12 +44,18 @@ def open_diffusers_folder(path: str, config: dict, device, dtype: torch.dtype) -
     size = size[0] if isinstance(size, (list, tuple)) else size
     if not isinstance(size, int) or size < 1:
         raise UserError(f"{path}: config.json gives no integer sample_size, so the image size is unknown")
-    weights = next(os.path.join(folder, w) for w in WEIGHTS if os.path.isfile(os.path.join(folder, w)))
-    return Source(net, prediction, schedule, (int(unet_config.get("in_channels", 3)), size, size), weights, 0)
+    return Source(net, prediction, schedule, (int(unet_config.get("in_channels", 3)), size, size),
+                  folder_weights(path), 0)
 
 
 def is_folder_model(path: str | None) -> bool:
     return bool(path) and os.path.isdir(path) and is_diffusers_folder(path)
+
+
+def folder_weights(path: str) -> str:
+    """The weights file of a diffusers model folder: what identifies the model in each image's settings."""
+    folder, _ = read_diffusers_config(path)
+    return next(os.path.join(folder, w) for w in WEIGHTS if os.path.isfile(os.path.join(folder, w)))
 
 
 def check_classes(source: Source, requested: str | None, guidance: float) -> None:

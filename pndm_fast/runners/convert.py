@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..atomic import DestinationExists, atomic_path
+from ..atomic import DestinationExists, atomic_file
 from ..errors import UserError
 from ..models import build_model, diffusers_layout
 from ..models.checkpoint import (
@@ -66,8 +66,8 @@ def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
     try:
         # exclusive: a file that appears under out_path meanwhile is kept; fsync'd, so a power loss never leaves a
         # zero-length checkpoint
-        with atomic_path(out_path, exclusive=True) as tmp:
-            write_state_dict(state, tmp, safetensors=is_safetensors(out_path))
+        with atomic_file(out_path, exclusive=True) as file:
+            write_state_dict(state, file, safetensors=is_safetensors(out_path))
     except DestinationExists:
         raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
     return {"keys": len(state), "parameters": sum(v.numel() for v in state.values()),

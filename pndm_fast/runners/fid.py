@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..atomic import atomic_path
+from ..atomic import atomic_file
 from ..data import IMAGE_SUFFIXES
 from ..errors import UserError, first_line
 from ..frechet import frechet_distance, statistics
@@ -120,7 +120,7 @@ def folder_features(folder: str, extractor: FeatureExtractor, batch_size: int) -
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     # a file object: np.savez would append .npz to the temporary name
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.savez(f, mu=mu, sigma=sigma)
 
 

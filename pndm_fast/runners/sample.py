@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -15,17 +18,18 @@ import torch
 from tqdm import tqdm
 
 from .. import distributed
-from ..atomic import remove_stale_temps
+from ..atomic import atomic_file, remove_stale_temps
 from ..errors import UserError
-from ..images import image_grid, read_png, to_uint8, write_png_atomic
-from ..models import build_model, load_checkpoint
+from ..images import image_grid, png_text, read_png, to_uint8, write_png_atomic
+from ..lock import folder_lock
 from ..grids import make_grid
-from ..models.diffusers_folder import schedule_from_folder
 from ..methods import method_record
+from ..models import build_model, load_checkpoint
+from ..models.diffusers_folder import schedule_from_folder
 from ..sampling import sample
 from ..schedule import Schedule
 from ..seeds import derived_seed
-from .conditioning import (Source, check_classes, denoiser_for, is_folder_model, labels_for,
+from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
                            open_diffusers_folder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,12 +136,54 @@ def check_device(device: str) -> torch.device:
 
 
 SETTINGS_KEY = "pndm-fast"  # the PNG tEXt key under which every image records the settings that made it
+GRID_KEY = "pndm-fast-grid"  # the tEXt key of a grid: only a file carrying it is ever replaced by --grid
+IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 # Settings that decide an image's pixels. batch_size and total_num are among them on the CPU, where the UNet
-# rounds differently by batch composition (one grey level at most); device and backend are recorded, not compared.
-COMPARED = ("config", "checkpoint", "checkpoint_bytes", "method", "sample_step", "timesteps", "class", "guidance",
-            "seed", "dtype", "total_num", "batch_size")
-# What images written before a setting existed were made with.
-FORMER_DEFAULTS = {"timesteps": "uniform", "class": None, "guidance": 1.0}
+# rounds differently by batch composition (one grey level at most); the checkpoint is identified by a hash of its
+# bytes (a retrained ema.ckpt has the same path and size); device, backend and the checkpoint's path are recorded,
+# not compared. Each image also records its own index, compared separately (a copied-over image is rewritten).
+COMPARED = ("config", "checkpoint_sha256", "method", "sample_step", "timesteps", "class", "guidance", "seed", "dtype",
+            "total_num", "batch_size")
+def hash_cache_path() -> str:
+    """Where checkpoint hashes are cached: $XDG_CACHE_HOME/pndm_fast (default ~/.cache/pndm_fast)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pndm_fast", "checkpoint-sha256.json")
+
+
+def _stat_key(path: str) -> list:
+    """What changes whenever the file's bytes may have: ctime too, which no one can set back (mtime can be)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def checkpoint_sha256(path: str) -> tuple[str, list]:
+    """(sha256 of the checkpoint's bytes, the stat key it belongs to). Cached (hash_cache_path) by real path and
+    stat key, so a resume does not read a multi-gigabyte checkpoint a second time (about 2 s per GB); a retrained
+    checkpoint, replaced or rewritten in place, has a new stat key and is hashed again. A cache that cannot be
+    read or written is only slower."""
+    real = os.path.realpath(path)
+    key = _stat_key(real)
+    cache_path = hash_cache_path()
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+        cached = cache.get(real) if isinstance(cache, dict) else None
+    except (OSError, ValueError):
+        cache, cached = {}, None
+    if isinstance(cached, dict) and cached.get("stat") == key and isinstance(cached.get("sha256"), str):
+        return cached["sha256"], key
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if _stat_key(real) != key:
+        raise UserError(f"checkpoint {path} changed while it was being read; rerun once it is complete")
+    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if k != real}
+    cache[real] = {"stat": key, "sha256": digest.hexdigest()}
+    with contextlib.suppress(OSError, UserError):  # a read-only or full home: no cache, the run goes on
+        with atomic_file(cache_path, fsync=False) as f:
+            f.write(json.dumps(cache, sort_keys=True).encode())
+    return digest.hexdigest(), key
 
 
 def grid_label(opts: SampleOptions) -> str:
@@ -146,54 +192,126 @@ def grid_label(opts: SampleOptions) -> str:
     return name + (f":{opts.end}" if opts.end else "")
 
 
-def run_settings(config: dict, opts: SampleOptions, checkpoint: str, total: int, batch: int) -> dict:
-    """What made an image, as written into each PNG: a hash of the model and schedule config, the checkpoint's
-    real path and size, and the sampling options."""
+def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_hash: str, total: int,
+                 batch: int) -> dict:
+    """What made an image, as written into each PNG (with its own "index" added): a hash of the model and
+    schedule config, the checkpoint's content hash (and real path, for the reader), and the sampling options."""
     shape_config = {key: config.get(key) for key in ("Schedule", "Model")}
     shape_config["shape"] = image_shape(config)
     digest = hashlib.sha256(json.dumps(shape_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    real = os.path.realpath(checkpoint)
-    return {"config": digest, "checkpoint": real, "checkpoint_bytes": os.path.getsize(real), "method": opts.method,
-            "sample_step": opts.sample_step, "timesteps": grid_label(opts), "class": opts.classes,
-            "guidance": opts.guidance, "seed": opts.seed, "dtype": opts.dtype, "total_num": total,
-            "batch_size": batch, "device": torch.device(opts.device).type, "backend": opts.backend}
+    return {"config": digest, "checkpoint_sha256": checkpoint_hash, "checkpoint": os.path.realpath(checkpoint),
+            "method": opts.method, "sample_step": opts.sample_step, "timesteps": grid_label(opts),
+            "class": opts.classes, "guidance": opts.guidance, "seed": opts.seed, "dtype": opts.dtype,
+            "total_num": total, "batch_size": batch, "device": torch.device(opts.device).type,
+            "backend": opts.backend}
 
 
-def settings_mismatch(path: str, text: dict[str, str], settings: dict) -> str | None:
-    """None when the image at `path` was made with `settings`, else a one-line reason to refuse the run."""
-    advice = ("rerun with the settings it was made with, or write to a new --image_path (or delete the folder's "
-              "images)")
+ADVICE = "rerun with the settings it was made with, or write to a new --image_path (or delete the folder's images)"
+
+
+def recorded_settings(text: dict[str, str]) -> dict | None:
     try:
         found = json.loads(text[SETTINGS_KEY])
     except (KeyError, ValueError):
-        return f"{path} exists but records no pndm-fast sampling settings, so resuming could mix runs: {advice}"
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def settings_mismatch(path: str, found: dict, settings: dict) -> str | None:
+    """None when `found` (an image's record) has this run's `settings`, else a one-line reason to refuse the run."""
     for key in COMPARED:
-        if found.get(key, FORMER_DEFAULTS.get(key)) != settings[key]:
-            return (f"{path} was made with {key} {found.get(key)!r}, this run asks for {settings[key]!r}: "
-                    f"{advice}")
+        if found.get(key) != settings[key]:
+            shown = {"checkpoint_sha256": "a checkpoint of other content (sha256"}.get(key)
+            if shown:
+                return (f"{path} was made with {shown} {str(found.get(key))[:12]}..., this run's "
+                        f"{settings[key][:12]}...: {settings['checkpoint']}): {ADVICE}")
+            return f"{path} was made with {key} {found.get(key)!r}, this run asks for {settings[key]!r}: {ADVICE}"
     return None
+
+
+def blank(data: bytes) -> bool:
+    """Empty or all zero bytes: what a power loss can leave of a file that was never fsynced; nothing to lose."""
+    return not data.strip(b"\0")
+
+
+def check_existing(path: str, index: int, shape: tuple[int, int, int], settings: dict) -> str | None:
+    """What to do with `path`, image `index` of this run: "keep" (whole, made by this run's settings for this
+    index), "rewrite" (absent, blank, or this run's own image damaged or under the wrong index), or a one-line
+    reason to refuse the run (anything else: another run's image, another program's file, a link, a folder)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "rewrite"
+    if not stat.S_ISREG(st.st_mode):
+        what = "a link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a file"
+        return f"{path} is {what}, not an image this run wrote; move it away or write to a new --image_path"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return f"{path} could not be read ({err.strerror}); check its permissions or write to a new --image_path"
+    if blank(data):
+        return "rewrite"
+    read = read_png(path, shape)
+    text = read[1] if read is not None else png_text(data)
+    found = recorded_settings(text)
+    if found is None and read is None and SETTINGS_KEY in text:
+        return "rewrite"  # this program's image, cut short inside its settings record
+    if found is None:
+        what = "a whole image" if read is not None else "not a whole image of this run's size and mode"
+        return (f"{path} exists ({what}) but records no pndm-fast sampling settings, so it may be another "
+                f"program's or another config's and is not overwritten: {ADVICE}")
+    mismatch = settings_mismatch(path, found, settings)
+    if mismatch:
+        return mismatch
+    return "keep" if read is not None and found.get("index") == index else "rewrite"
 
 
 def scan_batches(folder: str, batches: list[int], batch: int, total: int, shape: tuple[int, int, int],
                  settings: dict) -> tuple[dict[int, list[int]], dict]:
     """Check the images of `batches` already in `folder`; returns {batch: the indices to (re)write} for the
-    batches that lack any, and counts {"found", "damaged", "mismatch" (the first reason or None)}."""
+    batches that lack any, and counts {"found", "damaged", "mismatch" (the first reason to refuse, or None)}."""
     todo, stats = {}, {"found": 0, "damaged": 0, "mismatch": None}
     for k in batches:
         missing = []
         for index in range(k * batch, min((k + 1) * batch, total)):
             path = os.path.join(folder, image_name(index))
-            read = read_png(path, shape)
-            if read is None:
-                missing.append(index)
-                stats["damaged"] += os.path.lexists(path)  # present under its final name, but not a whole image
+            verdict = check_existing(path, index, shape, settings)
+            if verdict == "keep":
+                stats["found"] += 1
                 continue
-            stats["found"] += 1
-            if stats["mismatch"] is None:
-                stats["mismatch"] = settings_mismatch(path, read[1], settings)
+            if verdict != "rewrite":
+                stats["mismatch"] = stats["mismatch"] or verdict
+                continue
+            missing.append(index)
+            stats["damaged"] += os.path.lexists(path)  # present under its final name, but not a whole image
         if missing:
             todo[k] = missing
     return todo, stats
+
+
+def check_grid(grid: str, folder: str, checkpoint: str) -> None:
+    """Refuse a --grid that would replace anything but an earlier grid: the checkpoint, an image of the run (or a
+    name one will take), or any file not carrying GRID_KEY."""
+    real = os.path.realpath(grid)
+    if os.path.exists(checkpoint) and os.path.exists(real) and os.path.samefile(real, checkpoint):
+        raise UserError(f"--grid {grid} is the checkpoint --model_path names; choose another grid name")
+    if os.path.dirname(real) == os.path.realpath(folder) and IMAGE_NAME.match(os.path.basename(real)):
+        raise UserError(f"--grid {grid} is named like an image of the run in {folder}; choose another grid name")
+    if os.path.lexists(grid):
+        ours = False
+        if os.path.isfile(grid) and not os.path.islink(grid):
+            with open(grid, "rb") as f:
+                ours = GRID_KEY in png_text(f.read(1 << 16))
+        if not ours:
+            raise UserError(f"--grid {grid} exists and is not a grid pndm-fast wrote, so it is not overwritten: "
+                            "remove it or choose another grid name")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, getattr(torch, "OutOfMemoryError", ())) or isinstance(err, RuntimeError) and any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory", "Cannot allocate memory"))
 
 
 def gather(value) -> list:
@@ -222,10 +340,14 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
 
     Resumable: images already there, whole and made with the same settings (recorded in each PNG), are kept;
     a batch with any image missing or damaged is generated again whole, since on the CPU the UNet's rounding
-    depends on the batch composition, and only its missing images are written. Under torchrun, batch k
-    (indices [k * batch_size, (k + 1) * batch_size)) goes to rank k % world_size, so each image is made in the
-    same batch as in a single process.
+    depends on the batch composition, and only its missing images are written. Anything else in the folder under
+    an image's name (another run's or program's file, a link, a folder) is refused, never overwritten. Under
+    torchrun, batch k (indices [k * batch_size, (k + 1) * batch_size)) goes to rank k % world_size, so each image
+    is made in the same batch as in a single process. Rank 0 holds the folder's lock (pndm_fast.lock) for the
+    whole run, so a second run into the same folder is refused.
     """
+    if not opts.image_path:
+        raise UserError("--image_path is empty: give the folder the images are written to, e.g. --image_path out")
     device = check_device(opts.device)
     section = config.get("Sample") or {}
     total = opts.total_num if opts.total_num is not None else int(section.get("total_num", 64))
@@ -235,27 +357,46 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
     schedule = source_schedule(config, opts.model_path)
     method_record(opts.method)  # refuse an unknown method or an impossible grid before loading anything
     make_grid(schedule, opts.timesteps, opts.sample_step, opts.end)
+    checkpoint = (folder_weights(opts.model_path) if is_folder_model(opts.model_path)
+                  else resolve_model_path(opts.model_path, config))
+    folder = opts.image_path
+    if opts.grid:
+        check_grid(opts.grid, folder, checkpoint)
     joined_here = not distributed.is_initialized()
     world = distributed.init(device.type)
     device = torch.device(distributed.device_for(opts.device, world))
+    with contextlib.ExitStack() as stack:
+        if joined_here:
+            stack.callback(distributed.shutdown)
+        return _sample_locked(config, opts, schedule, world, device, checkpoint, total, batch, stack)
+
+
+def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world, device: torch.device,
+                   checkpoint: str, total: int, batch: int, stack: contextlib.ExitStack) -> int:
     source = open_source(config, opts.model_path, device, DTYPES[opts.dtype])
     check_classes(source, opts.classes, opts.guidance)
     if opts.classes == "all" and opts.total_num is None:
         total = source.num_classes**2  # a square grid, one row per class
     model, schedule = source.net, source.schedule
-    settings = run_settings(config, opts, source.weights_file, total, batch)
-    text = {SETTINGS_KEY: json.dumps(settings, sort_keys=True)}
+    folder = opts.image_path
+    os.makedirs(folder, exist_ok=True)
+    checkpoint_hash = None
+    if world.is_main:
+        stack.enter_context(folder_lock(folder, "sampling run"))
+        # under the lock no other run writes here: every temporary file is a leftover of a killed one
+        remove_stale_temps(folder)
+        stat_loaded = _stat_key(os.path.realpath(checkpoint))
+        checkpoint_hash, stat_hashed = checkpoint_sha256(checkpoint)
+        if stat_hashed != stat_loaded:
+            raise UserError(f"checkpoint {checkpoint} changed while it was being loaded; rerun once it is complete")
+    checkpoint_hash = gather(checkpoint_hash)[0]  # rank 0's: one read of the checkpoint, and every rank waits
+    settings = run_settings(config, opts, checkpoint, checkpoint_hash, total, batch)
     # NHWC lets cuDNN use its tensor-core convolutions without transposing every activation; on the CPU the
     # default layout is as fast, so it stays.
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     shape = source.shape
-    folder = opts.image_path
-    os.makedirs(folder, exist_ok=True)
-    if world.is_main:  # before any rank writes, so no live writer of this run loses its temporary file
-        remove_stale_temps(folder)
-    distributed.barrier()
 
     num_batches = -(-total // batch)
     todo, stats = scan_batches(folder, list(range(world.rank, num_batches, world.size)), batch, total, shape,
@@ -276,13 +417,19 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
               desc=f"{opts.method} {opts.sample_step}") as bar:
         for k, missing in todo.items():
             indices = range(k * batch, min((k + 1) * batch, total))
-            noise = noise_for(indices, shape, opts.seed).to(device)
-            with torch.inference_mode():
-                labels = labels_for(indices, opts.classes, source.num_classes, total)
-                x = sample(denoiser_for(source, labels, opts.guidance), noise, schedule, opts.method,
-                           opts.sample_step, backend=opts.backend,
-                           timesteps=opts.timesteps, end=opts.end,
-                           compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last)
+            try:
+                noise = noise_for(indices, shape, opts.seed).to(device)
+                with torch.inference_mode():
+                    labels = labels_for(indices, opts.classes, source.num_classes, total)
+                    x = sample(denoiser_for(source, labels, opts.guidance), noise, schedule, opts.method,
+                               opts.sample_step, backend=opts.backend, timesteps=opts.timesteps, end=opts.end,
+                               compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last)
+            except (RuntimeError, MemoryError) as err:
+                if not (isinstance(err, MemoryError) or out_of_memory(err)):
+                    raise
+                raise UserError(f"out of memory sampling a batch of {len(indices)} images on {device}: lower "
+                                "--batch_size (with a new --image_path if this folder holds images of this run: "
+                                "the batch decides the rounding); the images already written are whole") from None
             if not torch.isfinite(x).all():
                 raise UserError(f"the samples {indices.start}..{indices.stop - 1} hold NaN or Inf, nothing of them "
                                 "was written; check that the checkpoint matches the config, or use --dtype fp32")
@@ -290,6 +437,7 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
             for index in missing:
                 # No fsync per image (3 ms each, minutes over 50k images): a file that a power loss cuts short
                 # is found by the next run of the same command, which writes it again.
+                text = {SETTINGS_KEY: json.dumps({**settings, "index": index}, sort_keys=True)}
                 write_png_atomic(pixels[index - indices.start], os.path.join(folder, image_name(index)), text=text,
                                  fsync=False)
             written += len(missing)
@@ -298,9 +446,8 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
     seconds = time.perf_counter() - start
     if world.is_main:
         if opts.grid:
-            remove_stale_temps(os.path.dirname(os.path.abspath(opts.grid)), os.path.basename(opts.grid))
-            write_png_atomic(image_grid(read_grid_tiles(folder, total, shape)), opts.grid)
+            check_grid(opts.grid, folder, checkpoint)  # again: a file may have appeared under its name meanwhile
+            write_png_atomic(image_grid(read_grid_tiles(folder, total, shape)), opts.grid,
+                             text={GRID_KEY: json.dumps({"image_path": os.path.abspath(folder), "total_num": total})})
         print(f"wrote {written} images to {folder} in {seconds:.2f} s ({written / seconds:.2f} images/s)")
-    if joined_here:
-        distributed.shutdown()
     return written

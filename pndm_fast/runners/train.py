@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -26,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..atomic import atomic_path, remove_stale_temps
+from ..atomic import atomic_file, remove_stale_temps
 from ..data import TensorImages, load_dataset
 from ..errors import UserError
+from ..lock import folder_lock
 from ..models import build_model, save_state_dict
 from ..models.checkpoint import torch_load
 from ..schedule import Schedule
@@ -128,15 +131,18 @@ def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, rate: float
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save that never leaves half a file under `path` (see atomic_path)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save that never leaves half a file under `path` (see atomic_file)."""
+    with atomic_file(path) as file:
+        torch.save(obj, file)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step, once that step was saved; the message says where."""
 
 
 def check_train_path(train_path: str, restart: bool) -> str:
     """The path of train_state.pt, after refusing to overwrite an earlier run or to resume a missing one."""
     os.makedirs(train_path, exist_ok=True)
-    remove_stale_temps(train_path)  # full-size checkpoints that runs killed mid-save left under temporary names
     state_path = os.path.join(train_path, STATE_FILE)
     if restart and not os.path.isfile(state_path):
         raise UserError(f"--restart needs {state_path}, which does not exist: drop --restart to start a new run")
@@ -154,6 +160,15 @@ def load_train_state(path: str, device: torch.device) -> dict:
     if missing:
         raise UserError(f"training state {path} lacks {', '.join(missing)}: it was not written by --runner train; "
                         f"start a new run in an empty folder")
+    # a file edited by hand (or by anything but this runner) must fail here, in one line, not deep in torch
+    wrong = [key for key in ("step", "epoch", "batch", "seed")
+             if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0]
+    wrong += [key for key in ("model", "ema") if not isinstance(state[key], dict)
+              or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state[key].items())]
+    wrong += [] if isinstance(state["optimizer"], dict) else ["optimizer"]
+    if wrong:
+        raise UserError(f"training state {path} holds a wrong type in {', '.join(wrong)}: it was altered after "
+                        "--runner train wrote it; restore it, or start a new run in an empty folder")
     return state
 
 
@@ -164,13 +179,21 @@ def resume(state_path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     if state["seed"] != seed or divmod(state["step"], per_epoch) != (state["epoch"], state["batch"]):
         raise UserError(f"{state_path} was written with another seed, dataset size or Dataset.batch_size: "
                         f"restore them to resume exactly, or start a new run in an empty folder")
+    expected = model.state_dict()
+    ema = state["ema"]
     try:
         model.load_state_dict(state["model"])
+        if ema.keys() != expected.keys() or any(ema[k].shape != v.shape for k, v in expected.items()):
+            raise RuntimeError("the EMA weights do not match the model")
     except RuntimeError:
         raise UserError(f"{state_path} holds a model of another shape: restart with the config it was "
                         f"trained with") from None
-    optimizer.load_state_dict(state["optimizer"])
-    return state["ema"], state["step"]
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError):
+        raise UserError(f"{state_path} holds an optimizer state of another optimizer or model: restart with the "
+                        "Optim section it was trained with, or start a new run in an empty folder") from None
+    return ema, state["step"]
 
 
 def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: int, first_batch: int,
@@ -184,6 +207,16 @@ def epoch_loader(dataset, batch_size: int, num_workers: int, seed: int, epoch: i
     workers = 0 if isinstance(dataset, TensorImages) else min(num_workers, os.cpu_count() or 1)
     return torch.utils.data.DataLoader(dataset, num_workers=workers,
                                        batch_sampler=[b[shard(len(b), w)] for b in batches])
+
+
+def stop_requested(requests: list[int], w: distributed.World, device: torch.device) -> bool:
+    """Whether any process got SIGINT or SIGTERM: under torchrun every rank must stop after the same step (they
+    save together), so the ranks agree on it with one all-reduce of a flag per step."""
+    if w.size == 1:
+        return bool(requests)
+    flag = torch.tensor([float(bool(requests))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ac: torch.Tensor,
@@ -221,9 +254,53 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return total / n
 
 
+@contextlib.contextmanager
+def stop_signals():
+    """Turn the first SIGINT or SIGTERM into a request to stop after the current step (a list that the loop reads:
+    non-empty once one came); a second one interrupts at once (every write is atomic, so nothing is corrupted).
+    Only the main thread can set signal handlers; elsewhere the signals keep their behaviour."""
+    requests: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests
+        return
+
+    def handler(signum, frame):
+        if requests:
+            raise KeyboardInterrupt
+        requests.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train(config: dict, train_path: str, *, restart: bool = False, device: str = "cpu",
           data_path: str | None = None, max_steps: int | None = None, seed: int = 0,
           progress: bool = True) -> dict:
+    """Train config's model on config's dataset, checkpointing into train_path (see _train); the main process holds
+    train_path's lock (pndm_fast.lock) for the whole run, so a second training into the same folder is refused.
+
+    SIGINT (Ctrl-C) or SIGTERM stops the run after the current step: it is saved (atomically, as every save is)
+    and TrainingInterrupted, a KeyboardInterrupt, says where; --restart then continues bit for bit. A non-finite
+    loss or weight stops the run with a UserError before anything is saved, so the last good checkpoint stays.
+    """
+    with contextlib.ExitStack() as held:
+        if distributed.world().is_main and train_path:
+            os.makedirs(train_path, exist_ok=True)
+            held.enter_context(folder_lock(train_path, "training run"))
+            # under the lock no other run writes here: temporary files are full-size checkpoints that runs killed
+            # mid-save left behind
+            remove_stale_temps(train_path)
+        return _train(config, train_path, restart=restart, device=device, data_path=data_path,
+                      max_steps=max_steps, seed=seed, progress=progress)
+
+
+def _train(config: dict, train_path: str, *, restart: bool = False, device: str = "cpu",
+           data_path: str | None = None, max_steps: int | None = None, seed: int = 0,
+           progress: bool = True) -> dict:
     """Train config's model on config's dataset, checkpointing into train_path; returns a summary.
 
     Runs Train.epoch epochs of Dataset.batch_size, or stops after max_steps (or Train.max_steps) steps in all,
@@ -282,6 +359,11 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
         def save() -> None:
+            nonlocal saved_step
+            # the weights after the last step are what is saved: a step that made them NaN or Inf (a finite loss
+            # computed before it) must not replace a good checkpoint
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise UserError(diverged(f"the weights hold NaN or Inf after step {step}"))
             if w.is_main:
                 epoch, batch = divmod(step, per_epoch)
                 # train_state.pt first: a kill between the two files then leaves a folder that --restart resumes
@@ -292,8 +374,17 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
                 save_state_dict(ema, os.path.join(train_path, EMA_FILE))
             # no rank runs ahead or returns before both files are complete: a --restart reads one step's pair
             distributed.barrier()
+            saved_step = step
 
+        def diverged(what: str) -> str:
+            kept = (f"{train_path} keeps its last checkpoint (step {saved_step})" if saved_step is not None
+                    else f"{train_path} holds no checkpoint of this run")
+            return (f"training diverged: {what}; stopped before saving anything, so {kept}; lower Optim.lr "
+                    f"({config['Optim'].get('lr')}) or set Optim.grad_clip, then --restart or start afresh")
+
+        saved_step = step if restart else None
         losses: list[float] = []
+        stop = stack.enter_context(stop_signals())
         start = time.perf_counter()
         bar = tqdm(total=limit, initial=step, desc="train", file=sys.stderr, disable=not (progress and w.is_main),
                    dynamic_ncols=True)
@@ -315,10 +406,20 @@ def train(config: dict, train_path: str, *, restart: bool = False, device: str =
                 ema_update(ema, model, ema_rate)
                 step += 1
                 losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise UserError(diverged(f"the loss is {losses[-1]} at step {step}"))
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}", refresh=False)
                 if step % save_every == 0 or step == limit:
                     save()
+                if stop_requested(stop, w, device):
+                    if saved_step != step:
+                        save()
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"interrupted by {signal.Signals(stop[0]).name if stop else 'another process'} after "
+                        f"step {step}, which is saved in {state_path} (and {EMA_FILE} beside it); continue with "
+                        "the same command and --restart")
                 if step == limit:
                     break
         bar.close()
