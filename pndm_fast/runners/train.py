@@ -1,4 +1,4 @@
-"""The reference implementation's training loop (SPEC section 7), with EMA, atomic checkpoints and exact restarts.
+"""The paper's code's training loop (docs/design.md, "Training"), with EMA, atomic checkpoints and exact restarts.
 
 Exact restart without saving any RNG state: every random draw of step k (flips, times, noise, dropout) comes
 from generators seeded by (seed, k) alone, and the data order of epoch e from (seed, e). A run stopped after a
@@ -83,7 +83,7 @@ def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: 
     t = torch.cat([t, num_steps - 1 - t])[:n][rows]
     eps = torch.randn((n, *x0.shape[1:]), generator=gen, device=x0.device)[rows]
     a = ac[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (SPEC section 1)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (docs/design.md, "Time and noise level")
     # a learned-sigma network (iDDPM) outputs 2C channels: the first C are eps
     out = model(x_t, t.float()) if labels is None else model(x_t, t.float(), labels)
     error = out[:, : x0.shape[1]] - eps
@@ -92,12 +92,6 @@ def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: 
     if loss_type == "square":
         return error.square().sum(dim=(1, 2, 3))
     raise UserError(f"unknown Train.loss_type {loss_type!r}: expected linear or square")
-
-
-def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator,
-                   loss_type: str) -> torch.Tensor:
-    """The noise-prediction loss of a batch x0 (n, C, H, W) in [-1, 1], summed over C, H, W, mean over n."""
-    return row_losses(model, x0, ac, gen, loss_type).mean(dim=0)
 
 
 def drop_labels(labels: torch.Tensor, gen: torch.Generator, rate: float, null_label: int, batch: int | None = None,
