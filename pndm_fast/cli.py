@@ -139,8 +139,11 @@ def validate_args(args) -> None:
     def check_checkpoint(path: str) -> None:
         """A --model_path that is a folder or a text file is named as such (the loader could only say "not
         found" or quote an unpickling byte)."""
-        if os.path.isdir(path):
-            raise UserError(f"--model_path {path} is a folder: expected a checkpoint file (.ckpt, .pt, .pth or "
+        from .models.diffusers_folder import is_diffusers_folder
+
+        if os.path.isdir(path) and not is_diffusers_folder(path):
+            raise UserError(f"--model_path {path} is a folder but not a diffusers model folder (config.json and "
+                            "diffusion_pytorch_model.safetensors): expected a checkpoint file (.ckpt, .pt, .pth or "
                             ".safetensors) inside it")
         try:
             with open(path, "rb") as f:

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..atomic import DestinationExists, atomic_path
+from ..atomic import DestinationExists, atomic_file
 from ..errors import UserError
 from .checkpoint import (
     SAFETENSORS_SUFFIX,
@@ -291,12 +291,10 @@ def write_diffusers_folder(state: Mapping[str, torch.Tensor], config: Mapping, o
     except OSError as err:
         raise UserError(f"--out_path {out_path} could not be created ({err.strerror})") from None
     try:
-        with atomic_path(os.path.join(out_path, WEIGHTS[0]), exclusive=True) as tmp:
-            write_state_dict(state, tmp, safetensors=True)
-        with atomic_path(os.path.join(out_path, CONFIG), exclusive=True) as tmp:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(dict(config), f, indent=2, sort_keys=True)
-                f.write("\n")
+        with atomic_file(os.path.join(out_path, WEIGHTS[0]), exclusive=True) as file:
+            write_state_dict(state, file, safetensors=True)
+        with atomic_file(os.path.join(out_path, CONFIG), exclusive=True) as file:
+            file.write((json.dumps(dict(config), indent=2, sort_keys=True) + "\n").encode("utf-8"))
     except BaseException:
         shutil.rmtree(out_path, ignore_errors=True)
         raise
@@ -322,8 +320,8 @@ def convert_layout(model_path: str, out_path: str, model_config: dict | None) ->
             expected = _expected_paper_state(model_config["Model"])
             check_state_dict(paper, expected, f"diffusers model {model_path}")
         try:
-            with atomic_path(out_path, exclusive=True) as tmp:
-                write_state_dict(paper, tmp, safetensors=is_safetensors(out_path))
+            with atomic_file(out_path, exclusive=True) as file:
+                write_state_dict(paper, file, safetensors=is_safetensors(out_path))
         except DestinationExists:
             raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
         bytes_in = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(model_path) for n in ns)
