@@ -81,7 +81,7 @@ BAD_INPUTS = [
     (["--config", "no-such-config"], "unknown config 'no-such-config'"),
     (["--config", "missing.yml"], "config file missing.yml not found"),
     (["--config", "{folder}"], "is a folder: expected a YAML file"),
-    (["--model_path", "{folder}"], "is a folder: expected a checkpoint file"),
+    (["--model_path", "{folder}"], "is a folder but not a diffusers model folder"),
     (["--model_path", "{folder}/small.yml"], "is a text file, not a checkpoint"),
     (["--image_path", "/proc/pndm-fast-images"], "cannot be created in /proc"),
     (["--model", "iDDPM"], "disagrees with the config's Model.struc DDIM"),
