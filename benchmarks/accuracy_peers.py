@@ -801,7 +801,7 @@ def main(argv=None, log=None) -> dict:
         data["meta"]["minutes"] = (time.perf_counter() - start) / 60
         args.json.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(data, indent=1))
+            Path(tmp).write_text(json.dumps(data, separators=(",", ":")))
     if args.doc is not None:
         image = args.doc.parent / "accuracy_peers.png"
         if plot(data["rows"], image):

@@ -84,7 +84,7 @@ def test_sample_auto_runs_the_chosen_method_on_the_chosen_grid():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("budget", [8, 15])
+@pytest.mark.parametrize("budget", [10, 15])
 def test_on_the_held_out_mixture_auto_beats_diffusers_dpm_solver(budget):
     pytest.importorskip("diffusers", exc_type=ImportError)
     import accuracy_peers as ap
