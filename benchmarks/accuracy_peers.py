@@ -598,6 +598,15 @@ def render(data: dict) -> str:
                         "cannot be the best on every problem; per-mixture bests above meet the target."
                         if missed else "meets the target at every budget."))
     out.append("\n".join(summary))
+    out.append("Reading the tables: diffusers' schedulers place their last model call at the smallest level (sigma "
+               "~ 0.01) or step there with a first-order step, and their linspace grids spend calls at the noisy "
+               "end; pndm_fast's best rows call the model last at sigma = 0.05-0.2 or at t = 0 on a quadratic or "
+               "logsnr grid and then step to sigma = 0. Rows whose common error is well below their own error "
+               "(the images-3x8x8 bests at 5-10 calls start at sigma = 20) gain by a chance cancellation between "
+               "the start's error and the discretisation error; `auto` therefore only takes grids that start at "
+               "the noisiest level (`auto_candidate` in the script). The images-3x8x8 errors "
+               "include plateaus near 2-3e-2 at 15-25 calls shared by many samplers: a few of the batch's samples end in another "
+               "component than the exact flow's, which a mean over a batch of 48 resolves only coarsely.")
     for m in mixtures:
         batch = next(r["batch"] for r in rows if r["mixture"] == m)
         out.append(f"### {m} (batch {batch}{', held out' if m == HELD_OUT else ', tuned on'})")
