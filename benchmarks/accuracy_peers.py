@@ -605,8 +605,9 @@ def render(data: dict) -> str:
                "(the images-3x8x8 bests at 5-10 calls start at sigma = 20) gain by a chance cancellation between "
                "the start's error and the discretisation error; `auto` therefore only takes grids that start at "
                "the noisiest level (`auto_candidate` in the script). The images-3x8x8 errors "
-               "include plateaus near 2-3e-2 at 15-25 calls shared by many samplers: a few of the batch's samples end in another "
-               "component than the exact flow's, which a mean over a batch of 48 resolves only coarsely.")
+               "include plateaus near 2-3e-2 at 15-25 calls shared by many samplers, which suggests (not checked "
+               "sample by sample) a few samples ending in another component than the exact flow's, which a mean "
+               "over a batch of 48 resolves only coarsely.")
     for m in mixtures:
         batch = next(r["batch"] for r in rows if r["mixture"] == m)
         out.append(f"### {m} (batch {batch}{', held out' if m == HELD_OUT else ', tuned on'})")
