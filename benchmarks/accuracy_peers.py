@@ -672,7 +672,8 @@ def render(data: dict) -> str:
     out.append(ORDERS)
     if data.get("orders"):
         lines = [f"Measured by this study on {TUNED} (batch 64) at t = {ORDER_T} (sigma = 0.73), against the exact "
-                 f"ODE from the noisiest level, on logsnr grids from t = 999 to t = {ORDER_T} (then t = 150, 100, 50, 0 "
+                 f"ODE from the noisiest level, on logsnr grids from t = 999 to t = {ORDER_T} "
+                 "(then t = 150, 100, 50, 0 "
                  "and the data, so that lower-order final steps fall below it; METHODS' own settings):", "",
                  "| method | nominal | " + " | ".join(f"{s} steps" for s in ORDER_STEPS) + " | slopes per doubling "
                  "| last slope >= nominal - 0.3 |", "|---|---|" + "---|" * len(ORDER_STEPS) + "---|---|"]
@@ -693,7 +694,8 @@ def render(data: dict) -> str:
                  + " |", "|---|" + "---|" * len(dcalls)]
         keys = list(dict.fromkeys((c["side"], c["name"], c["config"]) for c in dg["cells"]))
         for side, name, cfg in keys:
-            vals = {c["budget"]: c["fd"] for c in dg["cells"] if (c["side"], c["name"], c["config"]) == (side, name, cfg)}
+            vals = {c["budget"]: c["fd"] for c in dg["cells"]
+                    if (c["side"], c["name"], c["config"]) == (side, name, cfg)}
             label = f"{name}, {cfg}" if side == "pndm_fast" else f"diffusers {name}"
             lines.append(f"| {label} | " + " | ".join(f"{vals.get(b, float('nan')):.3g}" for b in dcalls)
                          + " |")
@@ -702,7 +704,8 @@ def render(data: dict) -> str:
                   f"{dg['floor']:.3g} (std {dg['floor_std']:.2g} over 10 draws) against all of them.",
                   f"- Seed spread: {dg['best']} at 6 calls gives FD {dg['fd6_seed0']:.3g} from seed 0 and "
                   f"{dg['fd6_seed1']:.3g} from seed 1 (spread {dg['seed_spread']:.2g}).",
-                  f"- Target (6 calls within the seed spread of the 50-call value): {dg['best']} at {dg['limit']} calls gives "
+                  f"- Target (6 calls within the seed spread of the 50-call value): {dg['best']} at "
+                  f"{dg['limit']} calls gives "
                   f"FD {dg['fd50']:.3g}; at 6 calls {dg['fd6_seed0']:.3g}, {abs(dg['fd6_seed0'] - dg['fd50']):.2g} "
                   f"away: {'met' if met else 'missed'}. With {dg['num']} digits per cell (the study's time limit) "
                   "the spread is a single pair of seeds, so this is a coarse test."]
@@ -797,9 +800,10 @@ def main(argv=None, log=None) -> dict:
         for m in args.mixtures:
             rows += run_mixture(m, mode, schedule, log, peers)
         command = " ".join(["python benchmarks/accuracy_peers.py", *argv])
-        data = {"rows": rows, "meta": {"command": command, "diffusers": version, "machine":
-                                       f"{torch.get_num_threads()} torch thread, torch {torch.__version__}",
-                                       "timestamp": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}}
+        now = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        machine = f"{torch.get_num_threads()} torch thread, torch {torch.__version__}"
+        data = {"rows": rows, "meta": {"command": command, "diffusers": version, "machine": machine,
+                                       "timestamp": now}}
         if TUNED in args.mixtures and not args.quick:
             data["orders"] = measured_orders(schedule, log)
         if TUNED in args.mixtures:
