@@ -31,8 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
                    "with --runner convert, the checkpoint is checked against it only when given)")
     p.add_argument("--model", choices=MODELS, help="the architecture; must agree with the config's Model.struc")
-    p.add_argument("--method", default="F-PNDM", choices=tuple(METHODS), metavar="METHOD",
-                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    p.add_argument("--method", default="F-PNDM", choices=tuple(METHODS) + ("auto",), metavar="METHOD",
+                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "; auto: --sample_step "
+                   "is then a budget of model calls, and the method and grid the accuracy study found best for it "
+                   "run (docs/accuracy.md)")
     p.add_argument("--sample_step", type=int, default=50, help="number of sampling steps (the paper's sample_speed)")
     p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
                    help=f"time grid: {', '.join(GRID_NAMES)} (default uniform, the paper's), or increasing times "
@@ -223,6 +225,10 @@ def run(args) -> int:
                        batch_size=args.batch_size or 50)
     config = load_config(args.config or "digits")
     check_model_flag(args, config)
+    if args.method == "auto":  # resolved once here, so that runs, settings and checks name what actually ran
+        from .auto import as_flags
+
+        args.method, args.timesteps, args.sample_step, args.timesteps_end = as_flags(config, args)
     if args.runner == "train":
         from .runners.train import train
 

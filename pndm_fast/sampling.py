@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import torch
 
-from . import reference
+from . import auto, reference
 from .adapters import Denoiser, as_denoiser
 from .engine import GraphRunner, PlanRunner
 from .errors import UserError
@@ -138,6 +138,9 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM
     non-uniform grid ends (pndm_fast/grids.py). `backend`: "auto" (the CUDA graph on a GPU, the fused op on a CPU),
     "fused", "graph", "torch" (plain-torch combinations) or "reference" (the methods' own formulas, op by op).
 
+    `method="auto"` makes `sample_step` a budget of model calls (never exceeded) and runs the method and grid that
+    benchmarks/accuracy_peers.py measured most accurate for it (pndm_fast/auto.py).
+
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
     in float32 (float64 when the noise or the model is float64). `compile=True` compiles the network's blocks in
@@ -149,6 +152,8 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM
     `check_finite=False` skips the last check, the only one that reads a value back from the device (one host
     sync per call), for latency-critical callers that know their noise is finite.
     """
+    if method == "auto":  # sample_step is a budget of model calls: the study's (method, grid) for it (auto.py)
+        method, timesteps = auto.choose(schedule, 50 if sample_step is None else sample_step, timesteps, end)
     denoiser = as_denoiser(model)
     record = method_record(method)
     if not isinstance(schedule, Schedule):
