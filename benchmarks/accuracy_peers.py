@@ -24,6 +24,7 @@ for _path in (REPO, REPO / "benchmarks"):  # runnable as a script from anywhere,
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+import common  # noqa: E402
 from pndm_fast.atomic import atomic_path  # noqa: E402
 from pndm_fast.errors import UserError  # noqa: E402
 from pndm_fast.grids import make_grid  # noqa: E402
@@ -541,8 +542,7 @@ def digits_study(rows: list[dict], mode: str, num: int, log) -> dict:
 
 DOC = REPO / "docs" / "accuracy.md"
 RESULTS = REPO / "benchmarks" / "results" / "accuracy_peers.json"
-DOC_BEGIN = "<!-- begin: benchmarks/accuracy_peers.py -->"
-DOC_END = "<!-- end: benchmarks/accuracy_peers.py -->"
+DOC_BEGIN, DOC_END = common.marked("benchmarks/accuracy_peers.py")
 
 
 def target_ratio(budget: int) -> float:
@@ -725,15 +725,8 @@ results"). DPM-Solver++(3M) as published is second order in the limit (ratios 1.
 
 
 def write_doc(section: str, path: Path = DOC) -> None:
-    text = path.read_text()
-    if DOC_BEGIN in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1].lstrip("\n")
-        text = head + section + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
+    inner = section.split(DOC_BEGIN, 1)[1].rsplit(DOC_END, 1)[0]
+    common.write_marked_section(path, "benchmarks/accuracy_peers.py", inner)
 
 
 def plot(rows: list[dict], path: Path) -> bool:

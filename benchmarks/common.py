@@ -292,3 +292,34 @@ def main(script: str, doc: str, name: str, run: Callable, columns: list[Column],
     env = env_info(device, command_line(script, argv))
     rows, panels, notes = run(args)
     return report(name, args.out, env, rows, columns, panels, notes), rows
+
+
+def marked(name: str) -> tuple[str, str]:
+    """The HTML comments around a page section that the script `name` owns (other scripts keep it as it is)."""
+    return f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+
+
+def marked_sections(text: str) -> list[str]:
+    """Every marked section of a page, in order, markers included."""
+    import re
+
+    return [m.group(0) for m in re.finditer(r"<!-- begin: (\S+) -->.*?<!-- end: \1 -->", text, re.S)]
+
+
+def write_marked_section(path, name: str, section: str) -> None:
+    """Put `section` (without its markers) into the page at `path` between the markers of `name`, replacing what
+    was there, or at the end; the rest of the page is kept. Written atomically."""
+    from pathlib import Path
+
+    from pndm_fast.atomic import atomic_file
+
+    begin, end = marked(name)
+    block = f"{begin}\n{section.strip()}\n{end}"
+    text = Path(path).read_text() if Path(path).exists() else ""
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    with atomic_file(path) as file:
+        file.write(text.encode("utf-8"))

@@ -5,9 +5,9 @@ each image's class and gives its 64-d features. Per cell: the share classified a
 Fréchet distance of each class's samples to the real digits of that class (mean over classes), beside the same
 distance for `--num` real digits of each class drawn with replacement (the floor at this sample size).
 
-    python benchmarks/guidance_digits.py [--num 100] [--seed 0] [--out docs/guidance.md]
+    python benchmarks/guidance_digits.py [--num 100] [--seed 0] [--no_doc]
 
-Writes a markdown table to stdout (and to --out when given).
+Prints the table and writes it into docs/accuracy.md (its own marked section; the rest of the page is kept).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ for path in (REPO, REPO / "benchmarks"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+import common  # noqa: E402
 from accuracy_digits import real_digits, to_unit  # noqa: E402
 from pndm_fast import Denoiser, pretrained, sample  # noqa: E402
 from pndm_fast.digits_classifier import load_classifier  # noqa: E402
@@ -71,7 +72,9 @@ def run(num: int, seed: int, log=print) -> str:
             rows.append((method, steps, calls, w, share, fd))
             log(f"{method} {steps} steps ({calls} calls), guidance {w:g}: {share:.1%} as asked, class FD {fd:.2f} "
                 f"({time.perf_counter() - start:.0f} s)")
-    lines = [f"digits-cond, {num} digits per class, seed {seed}; class FD = Fréchet distance of a class's samples "
+    lines = ["## Classifier-free guidance on the class-conditional digits model", "",
+             f"Measured by `python benchmarks/guidance_digits.py --num {num} --seed {seed}`. "
+             f"digits-cond, {num} digits per class, seed {seed}; class FD = Fréchet distance of a class's samples "
              f"to that class's real digits in the classifier's 64-d features, mean over the 10 classes; floor "
              f"({num} real digits per class drawn with replacement): {floor:.2f}", "",
              "| method (grid) | model calls | guidance | classified as asked | class FD |", "|---|---|---|---|---|"]
@@ -85,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num", type=int, default=100, help="digits per class and cell")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument("--no_doc", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     table = run(args.num, args.seed)
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    if not args.no_doc:
+        common.write_marked_section(REPO / "docs" / "accuracy.md", "benchmarks/guidance_digits.py", table)
     return 0
 
 

@@ -112,10 +112,11 @@ def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = 
             timesteps = tuple(float(t) for t in timesteps)
         except (TypeError, ValueError):
             raise UserError(f"timesteps must be a grid name or a list of numbers, got {timesteps!r}") from None
-    try:
+    if (sample_step is None or type(sample_step) is int) and (end is None or type(end) is str):
         return cached_grid(schedule, timesteps, sample_step, end)
-    except TypeError:  # an unhashable sample_step or end: let make_grid say what is wrong
-        return make_grid(schedule, timesteps, sample_step, end)
+    # anything else (True, 2.0, [2], ...) goes uncached, so that make_grid says what is wrong: the cache would
+    # take True and 2.0 for the 1 and 2 they equal
+    return make_grid(schedule, timesteps, sample_step, end)
 
 
 def model_dtype_of(model) -> torch.dtype:
