@@ -4,6 +4,7 @@ the same)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import load_config
@@ -79,6 +80,16 @@ def parse_timesteps(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a grid ({', '.join(GRID_NAMES)}) nor a list of "
                                          "numbers separated by commas") from None
+
+
+def training_summary(summary: dict, restart: bool) -> str:
+    """One line on how training ended and where its checkpoints are."""
+    where = (f"checkpoints in {os.path.dirname(summary['ema_path'])} ({os.path.basename(summary['ema_path'])}, "
+             "the EMA weights sampling loads, and train_state.pt for --restart)")
+    if not summary["losses"]:
+        return f"training was already complete at step {summary['step']}; nothing to do; {where}"
+    done = "resumed and trained" if restart else "trained"
+    return (f"{done} to step {summary['step']} (loss {summary['loss']:.4g}) in {summary['seconds']:.0f} s; {where}")
 
 
 def default_device(requested: str | None) -> str:
@@ -234,8 +245,9 @@ def run(args) -> int:
 
         if not args.train_path:
             raise UserError("--runner train needs --train_path DIR (where checkpoints and ema.ckpt are written)")
-        train(config, args.train_path, restart=args.restart, device=device, data_path=args.data_path,
-              max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
+        summary = train(config, args.train_path, restart=args.restart, device=device, data_path=args.data_path,
+                        max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
+        print(training_summary(summary, args.restart))
         return 0
     if args.runner == "check":
         from .runners.check import run_check

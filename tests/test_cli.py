@@ -184,9 +184,21 @@ def test_train_then_sample_from_its_ema_checkpoint(tmp_path, capsys):
     config.write_text(TINY_DIGITS)
     assert main(["--runner", "train", "--config", str(config), "--train_path", str(tmp_path / "run"),
                  "--max_steps", "2", "--device", "cpu", "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 2 (loss " in out and f"checkpoints in {tmp_path / 'run'} (ema.ckpt" in out
+    # a finished run restarted says so, and where its checkpoints are
+    assert main(["--runner", "train", "--config", str(config), "--train_path", str(tmp_path / "run"),
+                 "--max_steps", "2", "--restart", "--device", "cpu", "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "already complete at step 2" in out and str(tmp_path / "run") in out
     assert main(["--config", str(config), "--model_path", str(tmp_path / "run" / "ema.ckpt"), "--sample_step", "4",
                  "--total_num", "2", "--image_path", str(tmp_path / "img"), "--device", "cpu", "--no_progress"]) == 0
     assert sorted(os.listdir(tmp_path / "img")) == ["000000.png", "000001.png"]
+    # a resumed run whose images are all there reports no sampling; one missing image re-samples its whole batch
+    (tmp_path / "img" / "000001.png").unlink()
+    assert main(["--config", str(config), "--model_path", str(tmp_path / "run" / "ema.ckpt"), "--sample_step", "4",
+                 "--total_num", "2", "--image_path", str(tmp_path / "img"), "--device", "cpu", "--no_progress"]) == 0
+    assert "wrote 1 images" in capsys.readouterr().out
     assert main(["--runner", "train", "--config", str(config), "--device", "cpu"]) == 2
     assert "--train_path" in capsys.readouterr().err
 

@@ -411,7 +411,7 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
         print(f"found {found} of {total} images in {folder} ({damaged} cut short or damaged, to be rewritten); "
               f"skipping {skipped} of {num_batches} batches whose images are all there")
 
-    start, written = time.perf_counter(), 0
+    start, written, made = time.perf_counter(), 0, 0
     mine = sum(len(range(k * batch, min((k + 1) * batch, total))) for k in todo)
     with tqdm(total=mine, unit="img", disable=not (opts.progress and world.is_main),
               desc=f"{opts.method} {opts.sample_step}") as bar:
@@ -441,13 +441,17 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
                 write_png_atomic(pixels[index - indices.start], os.path.join(folder, image_name(index)), text=text,
                                  fsync=False)
             written += len(missing)
+            made += len(indices)
             bar.update(len(indices))
     written = sum(gather(written))  # also waits for every rank, so every image is on disk below
+    made = sum(gather(made))
     seconds = time.perf_counter() - start
     if world.is_main:
         if opts.grid:
             check_grid(opts.grid, folder, checkpoint)  # again: a file may have appeared under its name meanwhile
             write_png_atomic(image_grid(read_grid_tiles(folder, total, shape)), opts.grid,
                              text={GRID_KEY: json.dumps({"image_path": os.path.abspath(folder), "total_num": total})})
-        print(f"wrote {written} images to {folder} in {seconds:.2f} s ({written / seconds:.2f} images/s)")
+        # The rate of the work done: every image sampled (a resumed batch is sampled whole, even when only some of
+        # its images were missing), not only those written.
+        print(f"wrote {written} images to {folder} in {seconds:.2f} s ({made / seconds:.2f} images/s sampled)")
     return written
