@@ -142,3 +142,29 @@ def pytest_terminal_summary(terminalreporter):
     others = sorted({reason for reason in reasons if not _needs_gpu(reason)})
     for reason in others:
         terminalreporter.write_line(f"skipped, not for want of a GPU: {reason}")
+
+
+def in_threads(work, count: int, repeats: int = 3) -> dict:
+    """{i: work(i)} with `count` threads started together (a barrier), each calling work(i) `repeats` times and
+    keeping the last result: concurrent calls under contention. An exception in any thread is raised here."""
+    import threading
+
+    results, errors = {}, []
+    barrier = threading.Barrier(count)
+
+    def run(i):
+        try:
+            barrier.wait()
+            for _ in range(repeats):
+                results[i] = work(i)
+        except Exception as e:  # surfaced below, in the test's own thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

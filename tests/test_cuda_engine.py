@@ -2,11 +2,10 @@
 CUDA-graph backends, and threads replaying graphs. Skipped without CUDA."""
 
 import copy
-import threading
 
 import pytest
 import torch
-from conftest import relative_l2
+from conftest import in_threads, relative_l2
 from test_open_engine import TINY_DDIM, Conditional
 
 from pndm_fast import Denoiser, Schedule, build_model, sample
@@ -59,21 +58,11 @@ def test_threads_replaying_graphs_of_one_model_get_their_own_results(nets):
               for s in range(4)]
     with torch.no_grad():
         alone = [sample(model, n, LINEAR, "F-PNDM", 6, "graph") for n in noises]
-    results, errors = {}, []
 
     def work(i):
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    results[i] = sample(model, noises[i], LINEAR, "F-PNDM", 6, "graph")
-        except Exception as e:  # surfaced below
-            errors.append(e)
+        with torch.no_grad():
+            return sample(model, noises[i], LINEAR, "F-PNDM", 6, "graph")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    results = in_threads(work, 4)
     for i in range(4):
         assert torch.equal(results[i], alone[i])

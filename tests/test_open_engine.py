@@ -3,12 +3,11 @@ against its float64 reference, model adapters (x0, v, guidance, diffusers), pass
 
 import copy
 import math
-import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import relative_l2
+from conftest import in_threads, relative_l2
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pndm_fast import METHODS, Denoiser, Schedule, UserError, build_model, make_grid, ops, sample
@@ -318,24 +317,12 @@ def test_threads_sampling_one_model_get_their_own_results(tiny, backend):
     noises = [torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in range(6)]
     with torch.no_grad():
         alone = [sample(model, n, LINEAR, "F-PNDM", 6, backend) for n in noises]
-    results, errors = {}, []
-    barrier = threading.Barrier(6)
 
     def work(i):
-        try:
-            barrier.wait()
-            with torch.no_grad():
-                for _ in range(3):
-                    results[i] = sample(model, noises[i], LINEAR, "F-PNDM", 6, backend)
-        except Exception as e:  # surfaced below
-            errors.append(e)
+        with torch.no_grad():
+            return sample(model, noises[i], LINEAR, "F-PNDM", 6, backend)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    results = in_threads(work, 6)
     for i in range(6):
         assert torch.equal(results[i], alone[i]), f"thread {i}"
 

@@ -2,6 +2,8 @@
 float64, agree to 1e-10 at every step. The convention differences adapted here are listed in docs/peers.md."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from pndm_fast.multistep_run import run_steps
 # any import failure skips (absent, or installed without a dependency it needs)
 diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warnings inside diffusers
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from accuracy_peers import KeepFloat64  # noqa: E402  (the study feeds diffusers the same way)
 
 MU, STD = 0.4, 0.5  # data x0 ~ N(MU, STD^2) elementwise: eps has a closed form
 TOL = 1e-10
@@ -20,19 +24,6 @@ TOL = 1e-10
 def exact_eps(x, ac):
     alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
     return sigma * (x - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
-
-
-class KeepFloat64(torch.Tensor):
-    """A float64 tensor whose .to(torch.float32) is itself: DPMSolverMultistepScheduler.step "upcasts" its sample
-    to float32, which would cut the comparison to float32 rounding (docs/peers.md)."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.to and args[0].dtype == torch.float64 and (
-                torch.float32 in args[1:] or kwargs.get("dtype") is torch.float32):
-            return args[0]
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 def start_noise():
