@@ -1,6 +1,7 @@
 """Kill sampling and training with SIGKILL at random moments, rerun the same command until it finishes, and check
 that nothing was lost or damaged and that the result equals an uninterrupted run's; then the other faults: two
-runs into one folder at once, a full disk, links planted in the output folder, a retrained checkpoint.
+runs into one folder at once, a full disk, links planted in the output folder, a retrained checkpoint, threads
+sampling from one model.
 
     python scripts/fault_injection.py --trials 50            # every part; a kill trial is up to max_kills + 1 runs
     python scripts/fault_injection.py --what train --trials 10 --max_kills 5
@@ -30,6 +31,8 @@ Faults (each trial runs every one of them once; 8 images, the same tiny training
 - retrained checkpoint: half the images made from a checkpoint, which is then replaced by one of the same size
   and mtime but other weights; the rerun must be refused with one line and the folder hold only the first
   checkpoint's images.
+- threads on one model: six threads call pndm_fast.sample on the bundled digits model at once, with one shape;
+  every result must equal the same call made alone (a result that differs counts as mixed).
 A fault is survived when the run ended as described and nothing was lost, mixed or corrupt.
 
 Every process runs with OMP_NUM_THREADS=1: the thread count changes how convolutions sum, and the comparisons
@@ -455,6 +458,36 @@ def retrained_checkpoint(work: str, shape, refs: dict, tally: dict, trial: int) 
     os.remove(ckpt)
 
 
+def threaded_sampling(tally: dict, trial: int) -> None:
+    """Six threads sample from one model at once (the bundled digits model, one shape, so they would share one
+    cached runner if the cache let them): every result must equal the same call made alone."""
+    import threading
+
+    from pndm_fast import pretrained, sample
+
+    model, schedule = pretrained("digits")
+    noises = [torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(100 * trial + i)) for i in range(6)]
+    alone = [sample(model, noise, schedule, "F-PNDM", 5) for noise in noises]
+    results, errors = {}, []
+    barrier = threading.Barrier(len(noises))
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[i] = sample(model, noises[i], schedule, "F-PNDM", 5)
+        except Exception as e:  # counted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(noises))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    mixed = sum(i not in results or not torch.equal(results[i], alone[i]) for i in range(len(noises)))
+    record("threads on one model", tally, not errors, {"lost": 0, "mixed": mixed, "corrupt": 0})
+
+
 def fault_trials(trials: int, work: str, rng: random.Random) -> bool:
     shape = image_shape(load_config("digits"))
     config_path = os.path.join(work, "tiny-digits.yml")
@@ -482,6 +515,7 @@ def fault_trials(trials: int, work: str, rng: random.Random) -> bool:
         full_disk_training(work, config_path, train_refs, tally, trial, rng)
         planted_links(work, shape, config_path, {**refs, "train": train_refs[0]}, tally, trial)
         retrained_checkpoint(work, shape, refs, tally, trial)
+        threaded_sampling(tally, trial)
         print(f"fault trial {trial + 1}/{trials}: " + ", ".join(f"{k} {v[1]}/{v[0]}" for k, v in tally.items()),
               file=sys.stderr, flush=True)
     print("faults: " + ", ".join(f"{kind} {ok} of {n} survived" for kind, (n, ok) in tally.items()))
