@@ -250,8 +250,10 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path, when):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "pndm_fast", *sample_args(tmp_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    # 200 steps (about 5 s of sampling here): the interrupt must land while the run is still going, not after it
+    # ended (4 steps take 0.1 s)
+    proc = subprocess.Popen([sys.executable, "-m", "pndm_fast", *sample_args(tmp_path, "--sample_step", "200")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
         with open(f"/proc/{proc.pid}/maps") as f:
