@@ -4,6 +4,8 @@ Three-way check: an implementation's max error against float64 math on the same 
 most twice the error of the plain-torch fp32 twin, plus one fp32 ulp of the result's scale.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -83,12 +85,18 @@ def check_case(impl, case, keep_x, keep_x2, in_place):
         assert_close_to_truth(out2, twin2, want2, scale2)
 
 
+NEEDS_CPP = pytest.mark.skipif(not ops.cpp_available(), reason="pndm_fast._C is not built")
+
+
+@pytest.mark.skipif(os.environ.get("PNDM_FAST_EXPECT_NO_CPP") == "1",
+                    reason="this install was made without a compiler on purpose (CI's no-compiler stage)")
 def test_cpp_required_in_this_checkout():
     """The editable install builds pndm_fast._C; without it the cpp tests above would silently shrink."""
     assert ops.cpp_available(), "pndm_fast._C is not built; run `pip install -e .`"
     assert ops.available_impls("cpu")[0] == "cpp"
 
 
+@NEEDS_CPP
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpp_converts_every_16bit_pattern_like_torch(dtype):
     """All 65536 bf16/fp16 bit patterns incl. subnormals, infs and NaNs: cpp equals torch bit for bit."""
@@ -194,6 +202,7 @@ def test_errors_say_what_to_do(mutate, error, match):
         ops.lincomb(**args)
 
 
+@NEEDS_CPP
 def test_kernel_constants_agree_with_the_cpp_build():
     """csrc/lincomb.cpp has its own compile-time copies; the built module must carry the Python values."""
     from pndm_fast.kernels import constants
@@ -248,6 +257,7 @@ def test_registered_cpp_op_runs_a_good_direct_call():
     assert_close_to_truth(out2, twin2, want2, scale2)
 
 
+@pytest.mark.skipif(not ops.triton_available(), reason="triton is not installed (the triton extra)")
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out, x, operands, w = _args()
