@@ -22,7 +22,7 @@ from typing import Union
 
 from .adapters import Denoiser
 from .ops import MAX_OPERANDS
-from .plans import STATE, Expr, Lin, ModelCall, OnePlus, Plan
+from .plans import STATE, Expr, ModelCall, OnePlus, Plan
 from .schedule import Schedule
 
 

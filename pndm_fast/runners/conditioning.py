@@ -27,6 +27,7 @@ class Source:
     shape: tuple[int, int, int]
     weights_file: str
     num_classes: int
+    from_diffusers: bool = False  # a diffusers UNet, read through Denoiser.from_diffusers
 
 
 def open_diffusers_folder(path: str, config: dict, device, dtype: torch.dtype) -> Source:
@@ -45,7 +46,7 @@ def open_diffusers_folder(path: str, config: dict, device, dtype: torch.dtype) -
     if not isinstance(size, int) or size < 1:
         raise UserError(f"{path}: config.json gives no integer sample_size, so the image size is unknown")
     return Source(net, prediction, schedule, (int(unet_config.get("in_channels", 3)), size, size),
-                  folder_weights(path), 0)
+                  folder_weights(path), 0, from_diffusers=True)
 
 
 def is_folder_model(path: str | None) -> bool:
@@ -88,14 +89,11 @@ def labels_for(indices: range, requested: str | None, num_classes: int, total: i
 
 def denoiser_for(source: Source, labels: torch.Tensor | None, guidance: float):
     """The model to pass to sample(): the network read as its prediction says, conditioned on `labels` with
-    classifier-free guidance `guidance` against the null class."""
+    classifier-free guidance `guidance` against the null class (label num_classes)."""
     if labels is None:
-        if isinstance(source.net, torch.nn.Module) and source.prediction == "eps" \
-                and not source.net.__class__.__module__.startswith("diffusers"):
-            return source.net
-        if source.net.__class__.__module__.startswith("diffusers"):
+        if source.from_diffusers:
             return Denoiser.from_diffusers(source.net, source.prediction)
-        return Denoiser(source.net, source.prediction)
+        return source.net if source.prediction == "eps" else Denoiser(source.net, source.prediction)
     labels = labels.to(next(source.net.parameters()).device)
     null = torch.full_like(labels, source.num_classes)
     return Denoiser(source.net, source.prediction, cond={"y": labels}, uncond={"y": null}, guidance=guidance)

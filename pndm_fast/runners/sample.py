@@ -97,16 +97,13 @@ def source_schedule(config: dict, model_path: str | None) -> Schedule:
     return Schedule.from_config(config["Schedule"])
 
 
-def open_source(config: dict, model_path: str | None, device, dtype: torch.dtype) -> Source:
+def open_source(config: dict, model_path: str | None, device, dtype: str) -> Source:
     """The network of a run: a diffusers model folder (loaded through diffusers), or a checkpoint of the config's
-    model."""
+    model; `dtype` is --dtype's name."""
     if is_folder_model(model_path):
-        return open_diffusers_folder(model_path, config, device, dtype)
-    path = resolve_model_path(model_path, config)
-    model = build_model(config)
-    load_checkpoint(model, path)
-    net = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Source(net, "eps", Schedule.from_config(config["Schedule"]), image_shape(config), path,
+        return open_diffusers_folder(model_path, config, device, DTYPES[dtype])
+    return Source(load_model(config, model_path, device, dtype), "eps", Schedule.from_config(config["Schedule"]),
+                  image_shape(config), resolve_model_path(model_path, config),
                   int(config["Model"].get("num_classes") or 0))
 
 
@@ -373,7 +370,7 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
 
 def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world, device: torch.device,
                    checkpoint: str, total: int, batch: int, stack: contextlib.ExitStack) -> int:
-    source = open_source(config, opts.model_path, device, DTYPES[opts.dtype])
+    source = open_source(config, opts.model_path, device, opts.dtype)
     check_classes(source, opts.classes, opts.guidance)
     if opts.classes == "all" and opts.total_num is None:
         total = source.num_classes**2  # a square grid, one row per class
