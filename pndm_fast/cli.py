@@ -137,7 +137,12 @@ def validate_args(args) -> None:
         made = []
         try:
             for folder in reversed(missing):
-                os.mkdir(folder)
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:  # another process made it meanwhile (torchrun's ranks check at once)
+                    if os.path.isdir(folder):
+                        continue
+                    raise
                 made.append(folder)
         except OSError as err:
             raise UserError(f"{flag} {path} cannot be created in {existing} ({err.strerror}); choose a folder on a "

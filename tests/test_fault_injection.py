@@ -37,7 +37,7 @@ def test_script_reports_nothing_lost(tmp_path):
              "planted links", "retrained checkpoint")
     assert any(line.startswith("faults: ") and all(f"{kind} 1 of 1 survived" in line for kind in kinds)
                for line in lines), done.stdout
-    assert lines[-1] == ("total: 8 fault attempts, 8 survived; images or checkpoints: 0 lost, 0 mixed, "
+    assert lines[-1] == ("total: 9 fault attempts, 9 survived; images or checkpoints: 0 lost, 0 mixed, "
                          "0 corrupt"), done.stdout
 
 
