@@ -160,7 +160,6 @@ class Caller:
         if getattr(denoiser.module, "eps_only_supported", False):
             extra["eps_only"] = True
         self.branch_kwargs = [{**extra, **branch} for branch in branches]
-        self.extra_keys = tuple(extra)
         self.net = None
 
     def load(self, denoiser: Denoiser) -> None:

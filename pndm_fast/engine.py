@@ -25,7 +25,7 @@ class PlanRunner:
     def __init__(self, program: Program, caller: Caller, shape: torch.Size, device: torch.device,
                  model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, impl: str = "auto",
                  nvtx: bool = False, channels_last: bool = False, trajectory: bool = False):
-        self.nvtx = nvtx
+        self.nvtx, self.caller = nvtx, caller
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
         def buffer(dtype):
@@ -117,7 +117,7 @@ class GraphRunner:
         # Holding the runner holds every buffer the graph reads or writes: freed, the allocator would hand
         # their memory to other tensors while the graph still writes there on each replay.
         self.runner = runner
-        self.x, self.trajectory = runner.x, runner.trajectory
+        self.x, self.trajectory, self.caller = runner.x, runner.trajectory, runner.caller
         side = warmup_stream(runner.x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -105,8 +105,8 @@ def lower(plan: Plan, denoiser: Denoiser, schedule: Schedule) -> Program:
     ops, step_of = _expand(plan, denoiser, schedule, state)
     _substitute(ops, step_of, state)
     steps: list[list[Op]] = [[] for _ in plan.steps]
-    live = [op for op in ops if not (isinstance(op, _Assign) and not op.keep)]
-    live_steps = [step_of[i] for i, op in enumerate(ops) if not (isinstance(op, _Assign) and not op.keep)]
+    kept = [(op, step) for op, step in zip(ops, step_of) if not (isinstance(op, _Assign) and not op.keep)]
+    live, live_steps = [op for op, _ in kept], [step for _, step in kept]
     i = 0
     while i < len(live):
         op, step = live[i], live_steps[i]

@@ -312,14 +312,12 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
     runner = PlanRunner(program, caller, noise.shape, noise.device, model_dtype, state_dtype,
                         impl="torch" if backend == "torch" else impl, nvtx=nvtx, channels_last=channels_last,
                         trajectory=trajectory)
-    runner.caller = caller
     if backend == "graph":
         caller.load(denoiser)
         try:
             runner = GraphRunner(runner)
         finally:
             caller.release()
-        runner.caller = caller
     return owner, key, runner
 
 

@@ -116,10 +116,6 @@ class Schedule:
         zero, so t = -1 reads ac[0] and t = N - 1 reads the one entry past the table."""
         return float(self.paper_table[int(t) + 1])
 
-    def ac(self, t: float) -> float:
-        """The paper's reading, `paper_level`; kept under the name the paper's code uses."""
-        return self.paper_level(t)
-
     def transfer_coefficients(self, t: float, t_next: float) -> tuple[float, float]:
         """(A - 1, B) of the paper's transfer step from t to t_next at its own levels (`paper_level`)."""
         return transfer_coefficients(self.paper_level(t), self.paper_level(t_next))
