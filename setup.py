@@ -90,6 +90,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "pyyaml", "pillow", "tqdm", "safetensors", "nvtx"],
     extras_require={"triton": ["triton"], "test": ["pytest", "hypothesis"], "train": ["scikit-learn"],
-                    "diffusers": ["diffusers"]},  # optional: diffusers model folders
+                    "diffusers": ["diffusers"],  # optional: diffusers model folders, and the peer in studies
+                    "plots": ["matplotlib"]},  # the accuracy studies' figures
     entry_points={"console_scripts": ["pndm-fast = pndm_fast.cli:main"]},
 )

@@ -227,7 +227,11 @@ class Panel:
 
 
 def save_plot(path: Path, panels: list[Panel]) -> str | None:
-    """Write the panels side by side to `path`; returns a note instead when matplotlib is absent."""
+    """Write the panels side by side to `path`; returns a note instead when matplotlib is absent. Panels without a
+    series (a configuration measured nothing for them) are left out, and with none left nothing is drawn."""
+    panels = [panel for panel in panels if panel.series]
+    if not panels:
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")  # headless: benchmark machines have no display

@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a bundled config name (e.g. ddim-cifar10) or a YAML path (default: digits; "
                    "with --runner convert, the checkpoint is checked against it only when given)")
     p.add_argument("--model", choices=MODELS, help="the architecture; must agree with the config's Model.struc")
-    p.add_argument("--method", default="F-PNDM", choices=tuple(METHODS) + ("auto",), metavar="METHOD",
+    p.add_argument("--method", default="F-PNDM", type=parse_method, metavar="METHOD",
                    help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "; auto: --sample_step "
                    "is then a budget of model calls, and the method and grid the accuracy study found best for it "
-                   "run (docs/accuracy.md)")
+                   "run (docs/accuracy.md). Options follow a colon: DEIS:order=4, "
+                   "UniPC-bh2:order=2,lower_order_final=false")
     p.add_argument("--sample_step", type=int, default=50, help="number of sampling steps (the paper's sample_speed)")
     p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
                    help=f"time grid: {', '.join(GRID_NAMES)} (default uniform, the paper's), or increasing times "
@@ -67,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--make_stats", action="store_true",
                    help="with --runner fid: write --fid_stats from the images in --image_path instead of scoring")
     return p
+
+
+def parse_method(text: str) -> str:
+    """A method as `pndm_fast.methods.method_record` reads it (or auto), spelled canonically."""
+    from .methods import method_record
+
+    if text == "auto":
+        return text
+    try:
+        return method_record(text).name
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_timesteps(text: str):

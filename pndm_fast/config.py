@@ -271,6 +271,8 @@ def validate_training(config: dict, prefix: str = "config") -> None:
         optim.choice("optimizer", ("adam", "sgd"))
     if "lr" in optim.values:
         optim.number("lr", low=0.0, high=math.inf)
+    if "lr_schedule" in optim.values:
+        optim.choice("lr_schedule", LR_SCHEDULES)
     if "weight_decay" in optim.values:
         optim.number("weight_decay", low=0.0, high=math.inf, low_open=False)
     if "beta1" in optim.values:
@@ -284,6 +286,10 @@ def validate_training(config: dict, prefix: str = "config") -> None:
     data = _Section(config, "Dataset", prefix, required=False)
     if "random_flip" in data.values:
         data.flag("random_flip")
+
+
+# Optim.lr_schedule: "constant" (the reference's), or "cosine" from lr at step 0 to 0 at the run's last step
+LR_SCHEDULES = ("constant", "cosine")
 
 
 # Images are named 000000.png .. 999999.png: six digits keep them fixed-width and in order.
@@ -300,7 +306,7 @@ KNOWN_KEYS = {
     "Dataset": ("dataset", "path", "category", "image_size", "channels", "batch_size", "num_workers", "random_flip",
                 "rescaled", "logit_transform", "uniform_dequantization", "gaussian_dequantization"),
     "Train": ("epoch", "max_steps", "save_every", "loss_type", "ema", "ema_rate", "label_dropout"),
-    "Optim": ("optimizer", "lr", "beta1", "amsgrad", "eps", "weight_decay", "grad_clip"),
+    "Optim": ("optimizer", "lr", "lr_schedule", "beta1", "amsgrad", "eps", "weight_decay", "grad_clip"),
     "Sample": ("batch_size", "total_num", "model_path", "last_only", "mpi4py"),
 }
 MODEL_KEYS = {

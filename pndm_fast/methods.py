@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from . import multistep, multistep_reference, reference
@@ -192,15 +192,16 @@ def dpm_solver_pp_2m_plan(grid: TimeGrid) -> Plan:
     return _plan("DPM-Solver++2M", grid, steps, buffers)
 
 
-def multistep_builder(name: str, coefficients: Callable[[list[float]], list], prediction: str, history: int):
+def multistep_builder(name: str, coefficients: Callable[..., list], prediction: str, extra_history: int = 0):
     """A plan builder over the float64 weights of `pndm_fast.multistep` (one linear update of the state and the
-    last `history` predictions per model call). A data prediction is stored as x0 = (x - sigma e) / alpha, written
-    in the same pass as the state update that first reads it; a corrector's state ("x_corrected", UniPC) lives in
-    buffer "xc", so the corrector is folded into the next step's combinations and costs no model call."""
-    def build(grid: TimeGrid) -> Plan:
-        steps = coefficients([grid.level(t) for t in grid.times])
+    last order + `extra_history` predictions per model call; the builder's keywords, the method's options, go to
+    `coefficients`). A data prediction is stored as x0 = (x - sigma e) / alpha, written in the same pass as the
+    state update that first reads it; a corrector's state ("x_corrected", UniPC) lives in buffer "xc", so the
+    corrector is folded into the next step's combinations and costs no model call."""
+    def build(grid: TimeGrid, **options) -> Plan:
+        steps = coefficients([grid.level(t) for t in grid.times], **options)
         corrected = any("x_corrected" in step.updates for step in steps)
-        ring, plan_steps = Ring("d", history), []
+        ring, plan_steps = Ring("d", max(step.order for step in steps) + extra_history), []
         for i, ((t, _), step) in enumerate(zip(grid.pairs, steps)):
             new = ring.push()
             if prediction == multistep.EPS:
@@ -236,14 +237,14 @@ def multistep_builder(name: str, coefficients: Callable[[list[float]], list], pr
 def multistep_reference_run(sampler: Callable, **options) -> Callable:
     """A whole-run reference from `pndm_fast.multistep_reference` (written op by op from each method's paper, in
     float64): run(m, noise, grid) -> trajectory of the states the model is called at, then the final one."""
-    def run(m, noise, grid: TimeGrid):
+    def run(m, noise, grid: TimeGrid, **chosen):
         levels_ = [grid.level(t) for t in grid.times]
         time_of = dict(zip(levels_, grid.times))
 
         def eps_fn(x, ac):
             return m(x.to(noise.dtype), time_of[float(ac)]).double()
 
-        states = sampler(noise.double(), levels_, eps_fn, **options)
+        states = sampler(noise.double(), levels_, eps_fn, **{**options, **chosen})
         states = states[0] if isinstance(states, tuple) else states  # UniPC: (predicted, corrected)
         return [x.to(noise.dtype) for x in states]
 
@@ -256,16 +257,73 @@ def _plan(method: str, grid: TimeGrid, steps, buffers) -> Plan:
 
 @dataclass(frozen=True)
 class Method:
-    """Everything the package knows of a method, in one place."""
+    """Everything the package knows of a method, in one place.
+
+    `options` names the settings a method takes, each with its default and the values it accepts (first the
+    default); the builder and the whole-run reference take them as keywords. A method is asked for by its name,
+    then the settings that differ from the defaults: "DEIS:order=4", "UniPC-bh2:order=2,lower_order_final=false"
+    (`method_record`). An option named "order" is also the nominal order."""
 
     name: str
-    build: Callable[[TimeGrid], Plan]
-    reference_step: Callable
+    build: Callable[..., Plan]
+    reference_step: Callable | None
     model_calls: Callable[[int], int]  # model calls for a grid of this many steps
     order: float  # nominal order of global error in the step size
     description: str
     min_steps: int = 1
     reference_run: Callable | None = None  # a whole-run reference, for methods whose reference is written so
+    options: dict = field(default_factory=dict)  # option -> (default, accepted values...)
+
+    def __post_init__(self):
+        if self.options:  # the defaults bound once: build(grid) and reference_run(m, noise, grid) need no keywords
+            defaults = {k: v[0] for k, v in self.options.items()}
+            object.__setattr__(self, "build", functools.partial(self.build, **defaults))
+            if self.reference_run is not None:
+                object.__setattr__(self, "reference_run", functools.partial(self.reference_run, **defaults))
+
+    def configured(self, chosen: dict) -> Method:
+        """This method with the options `chosen` (the others at their defaults), named canonically: the options
+        that differ from the defaults, in the record's order."""
+        unknown = sorted(set(chosen) - set(self.options))
+        if unknown:
+            takes = ", ".join(f"{k} ({'/'.join(map(_spell, v))})" for k, v in self.options.items()) or "no options"
+            raise UserError(f"{self.name} has no option {unknown[0]!r}: it takes {takes}")
+        for key, value in chosen.items():
+            if value not in self.options[key]:
+                raise UserError(f"{self.name} option {key}={_spell(value)} is not one of "
+                                f"{', '.join(map(_spell, self.options[key]))}")
+        changed = {k: chosen[k] for k in self.options if k in chosen and chosen[k] != self.options[k][0]}
+        if not changed:
+            return self
+        settings = {k: v[0] for k, v in self.options.items()} | changed
+        spelled = ",".join(f"{k}={_spell(v)}" for k, v in changed.items())
+        name = f"{self.name}:{spelled}"
+        return replace(self, name=name, build=functools.partial(_named_plan, self.build, name, settings),
+                       reference_run=functools.partial(self.reference_run, **settings),
+                       order=settings.get("order", self.order), options={},
+                       description=f"{self.description}; here {spelled}")
+
+
+def _named_plan(build: Callable[..., Plan], name: str, settings: dict, grid: TimeGrid) -> Plan:
+    """The plan of `build` with `settings`, under the configured method's name (what `print(plan)` shows)."""
+    return replace(build(grid, **settings), method=name)
+
+
+def _spell(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _parse_value(key: str, text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"option {key}={text!r}: expected an integer, true or false") from None
+
+
+FINAL_LOWER = {"lower_order_final": (True, False)}  # the last steps use no more points than steps remain
+FINAL_FULL = {"lower_order_final": (False, True)}
 
 
 def _fon_calls(steps: int) -> int:
@@ -285,35 +343,51 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Adams-Bashforth eps ramping from order 1 to 4, one call per step (Zhang and Chen 2023)"),
     Method("DPM-Solver++2M", dpm_solver_pp_2m_plan, reference.dpm_solver_pp_2m_step, lambda s: s, 2,
            "DPM-Solver++(2M) (Lu et al. 2022): second-order multistep on the data prediction, in log-SNR"),
-    Method("PNDM-exact", multistep_builder("PNDM-exact", multistep.pndm_exact, multistep.EPS, 4), None,
+    Method("PNDM-exact", multistep_builder("PNDM-exact", functools.partial(
+               multistep.pndm_exact, basis=multistep.PNDM_EXACT_DEFAULT_BASIS), multistep.EPS), None,
            multistep.model_calls, 4, "PNDM's pseudo linear multistep with exact weights on any grid: the Lagrange "
            "basis in log-SNR integrated over the true step, order ramping 1 to 4, one call per step",
-           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample, order=4,
-                                                 basis=multistep.PNDM_EXACT_DEFAULT_BASIS)),
-    Method("DEIS", multistep_builder("DEIS", multistep.deis, multistep.EPS, 3), None, multistep.model_calls, 3,
-           "DEIS tAB order 3 (Zhang and Chen 2023): eps, Lagrange basis in log rho, lower-order final steps",
-           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample, order=3, basis="lambda",
-                                                 lower_order_final=True)),
-    Method("DPM-Solver++3M", multistep_builder("DPM-Solver++3M", multistep.dpm_solver_pp, multistep.X0, 3), None,
+           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample,
+                                                 basis=multistep.PNDM_EXACT_DEFAULT_BASIS),
+           options={"order": (4, 1, 2, 3), **FINAL_FULL}),
+    Method("DEIS", multistep_builder("DEIS", multistep.deis, multistep.EPS), None, multistep.model_calls, 3,
+           "DEIS tAB (Zhang and Chen 2023), order 3 (options: 2, 4): eps, Lagrange basis in log rho, lower-order "
+           "final steps",
+           reference_run=multistep_reference_run(multistep_reference.eps_lagrange_sample, basis="lambda"),
+           options={"order": (3, 2, 4), **FINAL_LOWER}),
+    Method("DPM-Solver++3M", multistep_builder("DPM-Solver++3M", multistep.dpm_solver_pp, multistep.X0), None,
            multistep.model_calls, 3, "DPM-Solver++(3M) (Lu et al. 2022) as published and in diffusers: third-order "
            "multistep on the data prediction, lower-order final steps",
-           reference_run=multistep_reference_run(multistep_reference.dpm_solver_pp_sample, order=3)),
+           reference_run=multistep_reference_run(multistep_reference.dpm_solver_pp_sample, order=3),
+           options=FINAL_LOWER),
     Method("UniPC-bh1", multistep_builder("UniPC-bh1", functools.partial(multistep.unipc, variant="bh1"),
-                                          multistep.X0, 4), None, multistep.model_calls, 3,
-           "UniPC (Zhao et al. 2023), B(h) = h, order 3: UniP predictor with the UniC corrector folded into the "
-           "next step's combination (no extra model call)",
-           reference_run=multistep_reference_run(multistep_reference.unipc_sample, order=3, variant="bh1")),
+                                          multistep.X0, extra_history=1), None, multistep.model_calls, 3,
+           "UniPC (Zhao et al. 2023), B(h) = h, order 3 (option: 2): UniP predictor with the UniC corrector "
+           "folded into the next step's combination (no extra model call)",
+           reference_run=multistep_reference_run(multistep_reference.unipc_sample, variant="bh1"),
+           options={"order": (3, 2), **FINAL_LOWER}),
     Method("UniPC-bh2", multistep_builder("UniPC-bh2", functools.partial(multistep.unipc, variant="bh2"),
-                                          multistep.X0, 4), None, multistep.model_calls, 3,
-           "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3, corrector folded in as UniPC-bh1",
-           reference_run=multistep_reference_run(multistep_reference.unipc_sample, order=3, variant="bh2")),
+                                          multistep.X0, extra_history=1), None, multistep.model_calls, 3,
+           "UniPC (Zhao et al. 2023), B(h) = e^h - 1, order 3 (option: 2), corrector folded in as UniPC-bh1",
+           reference_run=multistep_reference_run(multistep_reference.unipc_sample, variant="bh2"),
+           options={"order": (3, 2), **FINAL_LOWER}),
 )}
 
 
 def method_record(method: str) -> Method:
-    if not isinstance(method, str) or method not in METHODS:
+    """The record of a method named as `Method` says ("DEIS", "DEIS:order=4,lower_order_final=false"), with its
+    options applied; UserError (one line) for an unknown name, option or value."""
+    base, _, settings = method.partition(":") if isinstance(method, str) else (None, "", "")
+    if base not in METHODS:
         raise UserError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
-    return METHODS[method]
+    chosen = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if not eq or not key or key in chosen:
+            raise UserError(f"method {method!r}: options are written name:key=value,key=value (each key once), "
+                            f"e.g. DEIS:order=4")
+        chosen[key] = _parse_value(key, text)
+    return METHODS[base].configured(chosen)
 
 
 def build_plan(schedule: Schedule, method: str, sample_step: int | None = 50, timesteps="uniform",

@@ -298,4 +298,19 @@ def little_images() -> GaussianMixture:
     return GaussianMixture.create(weights, means, stds, (3, 8, 8))
 
 
-MIXTURES = {"ring-2d": ring_2d, "images-3x8x8": little_images}
+def close_pairs_16d() -> GaussianMixture:
+    """d = 16, laid out (1, 4, 4): eight diagonal components with means drawn once (seed 0) in [-1, 1], two pairs
+    of them only ~0.25 apart, so that the sampler must split those late, near the data; per-coordinate stds from
+    0.02 to 0.5, log-uniform, so each component is sharp in some directions and broad in others (sharper and
+    broader than ring-2d and images-3x8x8); unequal weights (0.07 to 0.17)."""
+    gen = torch.Generator().manual_seed(0)
+    k, d = 8, 16
+    means = torch.rand(k, d, generator=gen, dtype=torch.float64) * 2 - 1
+    for near, of in ((1, 0), (3, 2)):
+        means[near] = means[of] + 0.075 * torch.randn(d, generator=gen, dtype=torch.float64)
+    stds = torch.exp(math.log(0.02) + math.log(0.5 / 0.02) * torch.rand(k, d, generator=gen, dtype=torch.float64))
+    weights = 0.05 + 0.2 * torch.rand(k, generator=gen, dtype=torch.float64)
+    return GaussianMixture.create(weights, means, stds, (1, 4, 4))
+
+
+MIXTURES = {"ring-2d": ring_2d, "images-3x8x8": little_images, "pairs-16d": close_pairs_16d}

@@ -17,7 +17,7 @@ from .engine import GraphRunner, PlanRunner
 from .errors import UserError
 from .grids import TimeGrid, make_grid
 from .lowering import lower
-from .methods import METHODS, method_record
+from .methods import method_record
 from .models import input_problem
 from .plans import Plan
 from .profiling import nvtx_enabled
@@ -94,7 +94,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=64)
 def cached_plan(grid: TimeGrid, method: str) -> Plan:
-    return METHODS[method].build(grid)
+    return method_record(method).build(grid)
 
 
 @functools.lru_cache(maxsize=64)

@@ -116,7 +116,7 @@ def test_quick_study_writes_rows_a_page_section_and_a_table(tmp_path, monkeypatc
     text = doc.read_text()
     assert text.startswith("# Page\n\nearlier text\n") and text.count(ap.DOC_BEGIN) == 1
     # the table written parses back and holds, per budget, the most accurate pndm_fast row among the grids that
-    # start at the noisiest level
+    # start at the noisiest level (one tuned mixture here: the least worst ratio is the least error)
     table = ast.literal_eval(auto_copy.read_text().split("TABLE = ", 1)[1].split("\n# END TABLE")[0])
     assert sorted(table) == sorted(ap.CALLS["quick"])
     for b, (method, spacing, s0, s1) in table.items():
@@ -127,3 +127,20 @@ def test_quick_study_writes_rows_a_page_section_and_a_table(tmp_path, monkeypatc
     ap.main(["--reuse", "--json", str(tmp_path / "r.json"), "--doc", str(doc)], log=lambda _: None)
     again = doc.read_text()
     assert again.count(ap.DOC_BEGIN) == 1 and again.startswith("# Page\n\nearlier text\n")
+
+
+def test_auto_takes_the_configuration_that_loses_least_where_it_suits_worse(monkeypatch):
+    """Per budget, the smallest worst ratio to each tuned mixture's best: A is best on m1 and 2.7x off on m2, B is
+    1.5x off on m1 and best on m2, so B (worst ratio 1.5) beats A (2.7); a grid that starts below the noisiest
+    level (C, best on both) is not auto's to take, and a configuration measured on one mixture only (D) is not
+    either, nor does it set that mixture's best."""
+    monkeypatch.setattr(ap, "TUNED", ("m1", "m2"))
+
+    def row(mixture, name, err, start=None):
+        return {"mixture": mixture, "side": "pndm_fast", "budget": 6, "name": name, "spacing": "logsnr",
+                "sigma_start": start, "sigma_last": None, "err_common": err}
+
+    rows = [row("m1", "A", 1.0), row("m2", "A", 4.0), row("m1", "B", 1.5), row("m2", "B", 1.5),
+            row("m1", "C", 0.1, 20.0), row("m2", "C", 0.1, 20.0), row("m1", "D", 0.5)]
+    assert ap.auto_table(rows, [6]) == {6: ("B", "logsnr", None, None)}
+    assert ap.auto_table(rows, [6], restrict=False) == {6: ("C", "logsnr", 20.0, None)}

@@ -158,7 +158,7 @@ CASES = {
                          "no space left on the device writing"),
     # sampling: flags and checkpoints (already handled before, kept in the table)
     "unknown config": (plain(lambda t: sample_args(t, "--config", "nope")), "unknown config"),
-    "unknown method": (plain(lambda t: sample_args(t, "--method", "RK4")), "invalid choice"),
+    "unknown method": (plain(lambda t: sample_args(t, "--method", "RK4")), "unknown method 'RK4'"),
     "impossible sample_step": (plain(lambda t: sample_args(t, "--sample_step", "5000")), "sample_step"),
     "total_num 0": (plain(lambda t: sample_args(t, "--total_num", "0")), "--total_num must be at least 1"),
     "unknown device": (plain(lambda t: sample_args(t, "--device", "tpu")), "device"),

@@ -76,7 +76,9 @@ def test_another_seed_gives_other_images(small, tmp_path):
 
 
 BAD_INPUTS = [
-    (["--method", "RK45"], "invalid choice: 'RK45'"),
+    (["--method", "RK45"], "unknown method 'RK45'"),
+    (["--method", "DEIS:order=9"], "DEIS option order=9 is not one of 3, 2, 4"),
+    (["--method", "UniPC-bh2:lower_order=false"], "UniPC-bh2 has no option 'lower_order'"),
     (["--model", "VAE"], "invalid choice: 'VAE'"),
     (["--config", "no-such-config"], "unknown config 'no-such-config'"),
     (["--config", "missing.yml"], "config file missing.yml not found"),

@@ -292,3 +292,52 @@ def test_a_second_training_into_a_held_folder_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_cosine_schedule_sets_each_steps_rate_and_restarts_bitwise_exact(tmp_path, monkeypatch):
+    """Optim.lr_schedule: cosine: step k of n runs at lr (1 + cos(pi k / n)) / 2 (recorded from the optimizer as
+    each step starts), and a run interrupted by a signal after step 2 restarts onto the uninterrupted run's
+    weights bit for bit."""
+    import math
+
+    import pndm_fast.runners.train as train_module
+
+    def cosine(**train_fields):
+        config = tiny_config(**train_fields)
+        config["Optim"]["lr_schedule"] = "cosine"
+        return config
+
+    exact, rates = train_module.train_step, []
+
+    def recording(net, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return exact(net, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", recording)
+    train(cosine(), str(tmp_path / "a"), max_steps=6, progress=False)
+    assert rates == pytest.approx([1e-3 * (1 + math.cos(math.pi * k / 6)) / 2 for k in range(6)], rel=1e-12)
+    assert rates[0] == 1e-3 and rates[-1] < 1e-4
+
+    def signalled(*args, **kwargs):
+        rates.append(None)
+        if len(rates) == 8:  # the second step of the second run
+            os.kill(os.getpid(), signal.SIGINT)
+        return exact(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", signalled)
+    with pytest.raises(train_module.TrainingInterrupted):
+        train(cosine(), str(tmp_path / "b"), max_steps=6, progress=False)
+    monkeypatch.undo()
+    train(cosine(), str(tmp_path / "b"), restart=True, max_steps=6, progress=False)
+    for key in ("model", "optimizer", "ema", "step"):
+        assert_bitwise_equal(read_state(tmp_path / "a")[key], read_state(tmp_path / "b")[key], key)
+
+
+def test_an_unknown_lr_schedule_is_one_line():
+    from pndm_fast.config import validate_training
+
+    config = tiny_config()
+    config["Optim"]["lr_schedule"] = "linear"
+    with pytest.raises(UserError, match="lr_schedule") as info:
+        validate_training(config)
+    assert "\n" not in str(info.value) and "cosine" in str(info.value)

@@ -11,7 +11,7 @@ import copy
 import torch
 
 from ..kernels_info import fused_op_notice
-from ..methods import METHODS
+from ..methods import method_record
 from ..ops import available_impls
 from ..sampling import sample
 from ..schedule import Schedule
@@ -60,7 +60,7 @@ def run_check(config: dict, model_path: str | None, device_name: str, method: st
         print(f"{step:4d}  " + "  ".join(f"{distances[n][step].item():16.3e}" for n in names))
     # A method whose reference is a float64 run (the multistep solvers': METHODS[m].reference_run) has no float32
     # reference; its float32 yardstick is then the plain-torch twin of the plan.
-    yardstick = "reference f32" if METHODS[method].reference_run is None else "torch (torch)"
+    yardstick = "reference f32" if method_record(method).reference_run is None else "torch (torch)"
     baseline = distances[yardstick].max().item()
     failed = 0
     for name in [n for n in names[1:] if n != yardstick]:

@@ -58,6 +58,15 @@ def make_optimizer(params, section: dict) -> torch.optim.Optimizer:
     raise UserError(f"unknown Optim.optimizer {kind!r}: expected adam or sgd")
 
 
+def learning_rate(section: dict, step: int, limit: int) -> float:
+    """Optim.lr at `step` (0-based) of a run of `limit` steps: constant, or a cosine from lr down to 0 at `limit`.
+    A function of the step alone, so that --restart continues with the same rates."""
+    lr = float(section["lr"])
+    if section.get("lr_schedule", "constant") == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, limit) / limit))
+    return lr
+
+
 def shard(n: int, w: distributed.World) -> slice:
     """The rows of a batch of n that rank w.rank trains on: K equal parts when K divides n (every full batch;
     train checks Dataset.batch_size), else sizes differing by one (an epoch's short last batch; a rank may get
@@ -395,6 +404,8 @@ def _train(config: dict, train_path: str, *, restart: bool = False, device: str 
                 labels = None
                 if num_classes:
                     x, labels = x[0], x[1].to(device)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(config["Optim"], step, limit)
                 loss = train_step(net, optimizer, x.to(device), ac, gen, batch=n, w=w, labels=labels,
                                   label_dropout=label_dropout, null_label=num_classes, **options)
                 ema_update(ema, model, ema_rate)
