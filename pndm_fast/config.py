@@ -325,7 +325,12 @@ def refuse_unknown_keys(values: dict, section: str | None, known, prefix: str, w
     for key in values:
         if key in known:
             continue
-        where = f"section {key!r}" if section is None else f"key {section}.{key}"
+        if section is None:
+            where = f"section {key!r}"
+        elif isinstance(key, str) and key.isidentifier():
+            where = f"key {section}.{key}"
+        else:  # an empty or odd key reads badly after the dot (YAML allows "": 0 and keys that are numbers)
+            where = f"key {key!r} in section {section}"
         close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
         if close:
             raise UserError(f"{prefix} unknown {where}: did you mean {close[0]!r}? fix or remove it")

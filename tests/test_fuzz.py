@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import torch_threads
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from pndm_fast import Schedule, UserError, sample
@@ -128,6 +128,7 @@ def mutated_configs(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_configs())
+@example({**load_config("digits"), "Schedule": {"": 0}})  # an empty key, found by this test
 def test_a_mutated_config_is_either_valid_or_refused_in_one_line_naming_the_key(config):
     try:
         validate_config(config)
