@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import pndm_fast
-import pndm_fast.runners.convert as convert_module
+import pndm_fast.models.checkpoint as checkpoint_module
 from pndm_fast import UserError, load_config
 from pndm_fast.cli import main
 from pndm_fast.models import build_model, load_checkpoint, save_state_dict
@@ -300,13 +300,13 @@ def test_an_output_that_appears_while_converting_is_kept(tmp_path, monkeypatch, 
     neither replaced nor removed, and the temporary file goes."""
     save_state_dict(build_model(load_config("digits")).state_dict(), tmp_path / "good.ckpt")
     out = tmp_path / "out.safetensors"
-    write = convert_module.write_state_dict
+    write = checkpoint_module.write_state_dict
 
     def racing_write(state, file, *, safetensors):
         write(state, file, safetensors=safetensors)
         out.write_bytes(b"someone else's")
 
-    monkeypatch.setattr(convert_module, "write_state_dict", racing_write)
+    monkeypatch.setattr(checkpoint_module, "write_state_dict", racing_write)
     assert main(["--runner", "convert", "--model_path", str(tmp_path / "good.ckpt"), "--out_path", str(out)]) == 2
     assert "appeared while converting; it was left as it is" in one_error_line(capsys.readouterr().err)
     assert out.read_bytes() == b"someone else's"

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from ..atomic import atomic_file
+from ..atomic import DestinationExists, atomic_file
 from ..errors import UserError, first_line
 
 _SHOWN = 3  # how many offending keys an error message names
@@ -189,6 +189,17 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     safetensors for .safetensors (key order kept in its metadata), else torch.save."""
     with atomic_file(path) as file:
         write_state_dict(state_dict, file, safetensors=is_safetensors(path))
+
+
+def write_new_checkpoint(state_dict: Mapping[str, torch.Tensor], out_path: str) -> None:
+    """--runner convert's output file: written like save_state_dict, but exclusively, so that a file that appears
+    under out_path while converting is kept, and fsync'd, so that a power loss never leaves a zero-length
+    checkpoint; UserError (one line) when that file appeared."""
+    try:
+        with atomic_file(out_path, exclusive=True) as file:
+            write_state_dict(state_dict, file, safetensors=is_safetensors(out_path))
+    except DestinationExists:
+        raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
 
 
 def write_state_dict(state_dict: Mapping[str, torch.Tensor], file, *, safetensors: bool) -> None:

@@ -37,15 +37,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ..atomic import DestinationExists, atomic_file
+from ..atomic import atomic_file
 from ..errors import UserError
 from .checkpoint import (
-    SAFETENSORS_SUFFIX,
-    TORCH_SUFFIXES,
     check_state_dict,
-    is_safetensors,
     read_state_dict,
     strip_data_parallel_prefix,
+    write_new_checkpoint,
     write_state_dict,
 )
 
@@ -319,11 +317,7 @@ def convert_layout(model_path: str, out_path: str, model_config: dict | None) ->
         if model_config is not None:  # the result must then load into that config's model
             expected = _expected_paper_state(model_config["Model"])
             check_state_dict(paper, expected, f"diffusers model {model_path}")
-        try:
-            with atomic_file(out_path, exclusive=True) as file:
-                write_state_dict(paper, file, safetensors=is_safetensors(out_path))
-        except DestinationExists:
-            raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
+        write_new_checkpoint(paper, out_path)
         bytes_in = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(model_path) for n in ns)
         bytes_out = os.path.getsize(out_path)
     else:

@@ -11,17 +11,15 @@ import os
 
 import torch
 
-from ..atomic import DestinationExists, atomic_file
 from ..errors import UserError
 from ..models import build_model, diffusers_layout
 from ..models.checkpoint import (
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
     check_state_dict,
-    is_safetensors,
     read_state_dict,
     strip_data_parallel_prefix,
-    write_state_dict,
+    write_new_checkpoint,
 )
 
 SUFFIXES = TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)
@@ -63,13 +61,7 @@ def convert(model_path: str, out_path: str, config: dict | None = None) -> dict:
         with torch.device("meta"):  # shapes only: no memory, no initialisation, even for the 256x256 UNets
             expected = build_model(config).state_dict()
         check_state_dict(strip_data_parallel_prefix(state, expected), expected, model_path)
-    try:
-        # exclusive: a file that appears under out_path meanwhile is kept; fsync'd, so a power loss never leaves a
-        # zero-length checkpoint
-        with atomic_file(out_path, exclusive=True) as file:
-            write_state_dict(state, file, safetensors=is_safetensors(out_path))
-    except DestinationExists:
-        raise UserError(f"--out_path {out_path} appeared while converting; it was left as it is") from None
+    write_new_checkpoint(state, out_path)
     return {"keys": len(state), "parameters": sum(v.numel() for v in state.values()),
             "bytes_in": os.path.getsize(model_path), "bytes_out": os.path.getsize(out_path)}
 
