@@ -42,6 +42,24 @@ def write_png_atomic(pixels: np.ndarray, path: str, *, text: dict[str, str] | No
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def png_chunks(data: bytes):
+    """The chunks of PNG bytes after the signature, in order, as (kind, body, state): state "ok" (its CRC
+    matches), "bad" (it does not) or "cut" (the bytes end inside it; body is what is there). The walk stops after
+    the first chunk that is not "ok"; a tail too short for a chunk header yields nothing more."""
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            yield kind, data[pos + 8: end], "cut"
+            return
+        intact = zlib.crc32(data[pos + 4: end]) == struct.unpack(">I", data[end: end + 4])[0]
+        yield kind, data[pos + 8: end], "ok" if intact else "bad"
+        if not intact:
+            return
+        pos = end + 4
+
+
 def png_chunks_intact(data: bytes) -> bool:
     """Whether `data` is a whole PNG: the signature, then chunks whose CRCs all match, ending with IEND.
 
@@ -50,18 +68,13 @@ def png_chunks_intact(data: bytes) -> bool:
     """
     if not data.startswith(PNG_SIGNATURE):
         return False
-    pos = len(PNG_SIGNATURE)
-    while pos + 12 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
-        end = pos + 8 + length
-        if end + 4 > len(data):
+    size = len(PNG_SIGNATURE)
+    for kind, body, state in png_chunks(data):
+        if state != "ok":
             return False
-        (crc,) = struct.unpack(">I", data[end: end + 4])
-        if zlib.crc32(data[pos + 4: end]) != crc:
-            return False
+        size += 12 + len(body)
         if kind == b"IEND":
-            return end + 4 == len(data)
-        pos = end + 4
+            return size == len(data)
     return False
 
 
@@ -73,20 +86,14 @@ def png_text(data: bytes) -> dict[str, str]:
     text: dict[str, str] = {}
     if not data.startswith(PNG_SIGNATURE):
         return text
-    pos = len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
-        end = pos + 8 + length
-        body = data[pos + 8: end]
-        cut = end + 4 > len(data)
-        if not cut and zlib.crc32(data[pos + 4: end]) != struct.unpack(">I", data[end: end + 4])[0]:
+    for kind, body, state in png_chunks(data):
+        if state == "bad":
             break
         if kind == b"tEXt" and b"\0" in body:
             key, value = body.split(b"\0", 1)
             text[key.decode("latin-1")] = value.decode("latin-1")
-        if cut or kind in (b"IDAT", b"IEND"):
+        if kind in (b"IDAT", b"IEND"):
             break
-        pos = end + 4
     return text
 
 
