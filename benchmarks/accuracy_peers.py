@@ -380,6 +380,16 @@ def best(rows: list[dict], mixture: str, side: str, budget: int, candidates_only
     return min(cands, key=lambda r: r["err_common"]) if cands else None
 
 
+def entry_row(rows: list[dict], mixture: str, budget: int, entry) -> dict | None:
+    """The pndm_fast row of an auto-table entry (method, spacing, sigma_start, sigma_last) on `mixture` at
+    `budget`, or None (no entry, or not measured there)."""
+    if not entry:
+        return None
+    label = config_label(*entry[1:])
+    return next((r for r in rows if r["mixture"] == mixture and r["budget"] == budget and r["side"] == "pndm_fast"
+                 and r["name"] == entry[0] and r["config"] == label), None)
+
+
 def auto_candidate(row: dict) -> bool:
     """auto's grids start at the noisiest level. Starting lower (sigma = 20) treats the noise as if it were there:
     an error of about sqrt(a(20)) = 0.05 times the data's mean signal, which the sampler cannot know. ring-2d, whose
@@ -624,10 +634,7 @@ def render(data: dict) -> str:
     if "auto" in data and HELD_OUT in mixtures:
         auto_ratios = {}
         for b in budgets:
-            entry, d = data["auto"].get(str(b)), best(rows, HELD_OUT, "diffusers", b)
-            r = entry and next((r for r in rows if r["mixture"] == HELD_OUT and r["budget"] == b and r["side"] ==
-                                "pndm_fast" and r["name"] == entry[0] and r["config"] == config_label(*entry[1:])),
-                               None)
+            r, d = entry_row(rows, HELD_OUT, b, data["auto"].get(str(b))), best(rows, HELD_OUT, "diffusers", b)
             if r and d:
                 auto_ratios[b] = r["err_common"] / d["err_common"]
         missed = {b: f"{v:.2f}" for b, v in auto_ratios.items() if v > target_ratio(b)}
@@ -671,20 +678,15 @@ def render(data: dict) -> str:
                      "mixture, and what the same choice among configurations of any start would give here:", "",
                      "| calls | auto's choice | its error (common) | best diffusers | ratio | the choice among any "
                      "start | its error here | ratio |", "|---|---|---|---|---|---|---|---|"]
-
-            def here(entry, b):
-                label = config_label(*entry[1:])
-                return next((r for r in rows if r["mixture"] == m and r["budget"] == b and r["side"] == "pndm_fast"
-                             and r["name"] == entry[0] and r["config"] == label), None), label
-
             for b in budgets:
                 entry, d = data["auto"].get(str(b)), best(rows, m, "diffusers", b)
                 if entry is None or d is None or b not in free:
                     continue
-                (r, label), (f, flabel) = here(entry, b), here(free[b], b)
+                r, f = entry_row(rows, m, b, entry), entry_row(rows, m, b, free[b])
                 if r is not None and f is not None:
-                    lines.append(f"| {b} | {entry[0]}, {label} | {r['err_common']:.2e} | {d['err_common']:.2e} | "
-                                 f"{r['err_common'] / d['err_common']:.2f} | {free[b][0]}, {flabel} | "
+                    lines.append(f"| {b} | {entry[0]}, {r['config']} | {r['err_common']:.2e} | "
+                                 f"{d['err_common']:.2e} | "
+                                 f"{r['err_common'] / d['err_common']:.2f} | {free[b][0]}, {f['config']} | "
                                  f"{f['err_common']:.2e} | {f['err_common'] / d['err_common']:.2f} |")
             out.append("\n".join(lines))
         # per method / scheduler: its best configuration's common error at each budget
@@ -798,10 +800,7 @@ def plot(rows: list[dict], path: Path, auto: dict | None = None) -> bool:
                  "pndm_fast from the noisiest level": (":^", [best(rows, m, "pndm_fast", b, True) for b in budgets]),
                  "best of diffusers": ("--s", [best(rows, m, "diffusers", b) for b in budgets])}
         if auto:
-            lines["pndm_fast auto"] = ("-.d", [next((r for r in rows if r["mixture"] == m and r["budget"] == b
-                                                     and r["side"] == "pndm_fast" and entry and r["name"] == entry[0]
-                                                     and r["config"] == config_label(*entry[1:])), None)
-                                               for b, entry in ((b, auto.get(str(b))) for b in budgets)])
+            lines["pndm_fast auto"] = ("-.d", [entry_row(rows, m, b, auto.get(str(b))) for b in budgets])
         for label, (style, found) in lines.items():
             points = [(b, r["err_common"]) for b, r in zip(budgets, found) if r is not None]
             ax.loglog(*zip(*points), style, label=label, lw=2 if label.startswith("best") else 1.2)

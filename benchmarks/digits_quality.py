@@ -25,6 +25,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,8 +66,8 @@ class Scorer:
 
     def __init__(self):
         self.classifier = load_classifier()
-        real, _ = real_digits()
-        self.real = self.score(real, with_fd=False)
+        self.real_images, _ = real_digits()
+        self.real = self.score(self.real_images, with_fd=False)
         self.mu, self.sigma = statistics(self.real.pop("features"))
 
     @torch.inference_mode()
@@ -84,18 +85,26 @@ class Scorer:
 EPS_TIMES = (0, 10, 50, 200, 800)
 
 
-def load(weights: str):
+class Network(NamedTuple):
+    model: torch.nn.Module
+    schedule: Schedule
+    shape: tuple[int, int, int]
+
+
+def load(weights: str) -> Network:
+    """The digits config's network with the weights at `weights`, in eval mode, and its schedule."""
     config = load_config("digits")
     model = build_model(config)
     load_checkpoint(model, weights)
-    return model.eval().requires_grad_(False), Schedule.from_config(config["Schedule"]), config
+    return Network(model.eval().requires_grad_(False), Schedule.from_config(config["Schedule"]), image_shape(config))
 
 
 @torch.inference_mode()
-def eps_errors(weights: str, times=EPS_TIMES, seed: int = 0) -> dict[int, float]:
-    """t -> mean squared error of the network's eps on all real digits noised to level ac[t] (fixed noise)."""
-    model, schedule, _ = load(weights)
-    x0 = to_unit(real_digits()[0]) * 2 - 1
+def eps_errors(net: Network, real_images: np.ndarray, times=EPS_TIMES, seed: int = 0) -> dict[int, float]:
+    """t -> mean squared error of the network's eps on the real digits (uint8) noised to level ac[t] (fixed
+    noise)."""
+    model, schedule, _ = net
+    x0 = to_unit(real_images) * 2 - 1
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for t in times:
@@ -106,13 +115,13 @@ def eps_errors(weights: str, times=EPS_TIMES, seed: int = 0) -> dict[int, float]
     return out
 
 
-def digits(weights: str, method: str, steps: int, num: int, seed: int, batch: int = 500) -> np.ndarray:
-    model, schedule, config = load(weights)
+def digits(net: Network, method: str, steps: int, num: int, seed: int, batch: int = 500) -> np.ndarray:
+    """`num` digits (uint8) sampled from image i's noise of `seed`, as `pndm-fast` would make them."""
     parts = []
     for first in range(0, num, batch):
-        noise = noise_for(range(first, min(first + batch, num)), image_shape(config), seed)
+        noise = noise_for(range(first, min(first + batch, num)), net.shape, seed)
         with torch.inference_mode():
-            parts.append(to_uint8(sample(model, noise, schedule, method, steps, backend="fused"))[..., 0])
+            parts.append(to_uint8(sample(net.model, noise, net.schedule, method, steps, backend="fused"))[..., 0])
     return np.concatenate(parts)
 
 
@@ -134,12 +143,13 @@ def main(argv: list[str] | None = None, log=print) -> list[dict]:
     log(lines[0])
     rows, errors = [], {}
     for path in weights:
-        errors[path] = eps_errors(path)
+        net = load(path)
+        errors[path] = eps_errors(net, scorer.real_images)
         log(f"{Path(path).name}: eps error by t: " + ", ".join(f"{t}: {e:.4f}" for t, e in errors[path].items()))
         for method, steps in CELLS:
             start = time.perf_counter()
             row = {"weights": path, "method": method, "steps": steps,
-                   **scorer.score(digits(path, method, steps, args.num, args.seed))}
+                   **scorer.score(digits(net, method, steps, args.num, args.seed))}
             rows.append(row)
             lines.append(f"| {Path(path).name} | {method} | {steps} | {row['confident']:.1%} | "
                          f"{row['grid_unsure']} | {row['fd']:.3g} | {row['speckle']:.4f} |")

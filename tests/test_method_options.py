@@ -40,20 +40,18 @@ def test_every_variant_runs_as_its_reference_says(problem, method, timesteps, en
             assert rel < 1e-12, (backend, step, rel)
 
 
-@pytest.mark.parametrize("method,coefficients", [
-    ("DEIS:order=2", lambda acs: ms.deis(acs, 2)),
-    ("DEIS:order=3,lower_order_final=false", lambda acs: ms.deis(acs, 3, lower_order_final=False)),
-    ("UniPC-bh1:order=2", lambda acs: ms.unipc(acs, 2, "bh1")),
-    ("UniPC-bh2:order=2", lambda acs: ms.unipc(acs, 2, "bh2")),
-    ("DPM-Solver++3M:lower_order_final=false", lambda acs: ms.dpm_solver_pp(acs, 3, lower_order_final=False)),
+@pytest.mark.parametrize("method,coefficients,kind", [
+    ("DEIS:order=2", lambda acs: ms.deis(acs, 2), "deis"),
+    ("DEIS:order=3,lower_order_final=false", lambda acs: ms.deis(acs, 3, lower_order_final=False), "deis"),
+    ("UniPC-bh1:order=2", lambda acs: ms.unipc(acs, 2, "bh1"), "unipc"),
+    ("UniPC-bh2:order=2", lambda acs: ms.unipc(acs, 2, "bh2"), "unipc"),
+    ("DPM-Solver++3M:lower_order_final=false", lambda acs: ms.dpm_solver_pp(acs, 3, lower_order_final=False),
+     "dpm_solver_pp"),
 ])
-def test_the_plan_uses_the_coefficients_the_peer_tests_check(problem, method, coefficients):
+def test_the_plan_uses_the_coefficients_the_peer_tests_check(problem, method, coefficients, kind):
     """tests/test_peers_diffusers.py checks these coefficient functions against diffusers' schedulers; the plan
     of the option's spelling must run exactly them."""
     model, noise = problem
-    prediction = {"DEIS": "deis", "UniPC": "unipc", "DPM-Solver++3M": "dpm_solver_pp"}
-    record = method_record(method)
-    kind = next(v for k, v in prediction.items() if record.name.startswith(k))
     grid = make_grid(LINEAR, "logsnr", 8, "zero")
     acs = [grid.level(t) for t in grid.times]
     time_of = dict(zip(acs, grid.times))
