@@ -27,7 +27,7 @@ DOC = accuracy_mixture.DOCS / "accuracy.md"
 INTRO = """\
 ## What is measured
 
-The methods are run with the *exact* eps of a Gaussian mixture (`pndm_fast/mixture.py`), so every error below is
+The methods are run with the *exact* eps of a Gaussian mixture (`benchmarks/mixture.py`), so every error below is
 discretisation error and nothing else. For x = sqrt(a) x0 + sqrt(1 - a) eps the noised marginal is
 sum_k pi_k N(sqrt(a) mu_k, (a s_k^2 + 1 - a)), and eps*(x) = -sqrt(1 - a) grad log p_a(x). Every run starts from
 the same float64 noise at the sampler's own start time seq[-1] (800 for 5 steps, 900 for 10, 950 for 20, 980 for

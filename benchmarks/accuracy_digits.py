@@ -3,7 +3,7 @@
 Every method of pndm_fast.METHODS samples `--num` digits at 5, 10, 20 and 50 steps from the same
 noise (image i's noise depends only on (seed, i)), so rows differ by the method alone. Each image goes through
 uint8, as the PNGs of `--runner sample` would hold it, then through the small digits classifier
-(pndm_fast/digits_classifier.py); the Frechet distance (FD) of its 64-d penultimate features is taken against all
+(benchmarks/digits_classifier.py); the Frechet distance (FD) of its 64-d penultimate features is taken against all
 1797 real digits, quantized the same way. Two baselines say which differences mean something: the FD between two
 halves of the real digits (the floor: what two samples of the *same* distribution give), and the FD of one
 configuration sampled from two seeds (how much a row moves with the noise alone).
@@ -211,7 +211,7 @@ def markdown(rows: list[dict], steps: tuple[int, ...], extra: dict) -> str:
         f"{n} digits per cell from the bundled digits model (`pndm_fast/weights/digits.safetensors`), the same noise "
         f"(seed {extra['seed']}) in every cell, against all {extra['num_real']} real digits (scikit-learn's 8x8 "
         "digits upscaled to 16x16). Features: the 64-d penultimate layer of the small digits classifier "
-        f"(`pndm_fast/digits_classifier.py`, {extra['accuracy']:.1%} on its held-out digits). FD is not FID: "
+        f"(`benchmarks/digits_classifier.py`, {extra['accuracy']:.1%} on its held-out digits). FD is not FID: "
         "it is on a different feature space and only comparable within this table. Lower is better; NFE is the "
         "number of model calls per image.",
         "",
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, log=print) -> tuple[str, list[dict]]:
     """Sample, score and tabulate; returns (markdown text, one dict per method x steps cell)."""
-    from pndm_fast.digits_classifier import load_classifier, test_accuracy
+    from digits_classifier import load_classifier, test_accuracy
 
     argv = list(argv or [])  # never sys.argv: a caller's own flags are not ours
     args = parse_args(argv)

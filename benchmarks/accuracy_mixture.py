@@ -1,7 +1,7 @@
 """Accuracy against steps on a Gaussian mixture, whose eps and probability-flow ODE are known exactly.
 
 Every method of pndm_fast.METHODS samples from the same float64 noise with the mixture's exact
-eps-predictor (pndm_fast.mixture.MixtureEps), at 5, 10, 20, 50 and 100 steps, on the fused backend with a
+eps-predictor (mixture.MixtureEps), at 5, 10, 20, 50 and 100 steps, on the fused backend with a
 float64 state. Each run is compared with two float64 RK4 solutions of the ODE from the run's own start time
 seq[-1]: (a) "true", the probability-flow ODE with eps at the state's own noise level, and (b) "sampler", the ODE
 the samplers discretise (state at ac(t + 1), model at ac(t)), followed by the final one-index step. Error is the
@@ -26,7 +26,7 @@ import common
 from pndm_fast import Schedule, load_config
 from pndm_fast.grids import PAPER, TimeGrid
 from pndm_fast.methods import METHODS, build_plan
-from pndm_fast.mixture import MIXTURES, SAMPLER, TRUE, MixtureEps, exact_solutions
+from mixture import MIXTURES, SAMPLER, TRUE, MixtureEps, exact_solutions
 from pndm_fast.sampling import sample
 
 NAME = "accuracy_mixture"

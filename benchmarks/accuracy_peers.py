@@ -27,9 +27,11 @@ for _path in (REPO, REPO / "benchmarks"):  # runnable as a script from anywhere,
 import common  # noqa: E402
 from pndm_fast.atomic import atomic_path  # noqa: E402
 from pndm_fast.errors import UserError  # noqa: E402
+from mixture import MixtureEps  # noqa: E402
+
+from pndm_fast.auto import family_grid  # noqa: E402
 from pndm_fast.grids import make_grid  # noqa: E402
-from pndm_fast.methods import METHODS, method_record  # noqa: E402
-from pndm_fast.mixture import MixtureEps  # noqa: E402
+from pndm_fast.methods import METHODS, fit_grid, method_record  # noqa: E402
 from pndm_fast.sampling import sample  # noqa: E402
 
 
@@ -109,46 +111,22 @@ def relative_error(x: torch.Tensor, truth: torch.Tensor) -> float:
 
 # --- pndm_fast -------------------------------------------------------------------------------------------------
 
-def grid_bounds(schedule, sigma_start: float | None, sigma_last: float | None) -> tuple[float | None, float | None]:
-    """(t_max, t_min) of a grid whose first call sits at sigma_start (None: the noisiest level) and last at
-    sigma_last (None: t = 0)."""
-    n = schedule.num_steps
-    t_max = None if sigma_start is None else min(n - 1.0, schedule.time_of(level_of(sigma_start)))
-    t_min = None if sigma_last is None else max(0.0, schedule.time_of(level_of(sigma_last)))
-    return t_max, t_min
-
-
-def pndm_grid(schedule, spacing: str, steps: int, sigma_start=None, sigma_last=None):
-    if spacing == "uniform":
-        return make_grid(schedule, "uniform", steps)
-    t_max, t_min = grid_bounds(schedule, sigma_start, sigma_last)
-    return make_grid(schedule, spacing, steps, "zero", t_max=t_max, t_min=t_min)
-
-
 def steps_within(schedule, method: str, calls: int, spacing: str, sigma_start=None, sigma_last=None):
-    """(steps, grid, model calls): the most steps of `method` on the grid within `calls` model calls; None if even
-    its fewest steps need more."""
+    """(steps, grid, model calls): the most steps of `method` on the grid family within `calls` model calls, as
+    `auto` fits them (pndm_fast.methods.fit_grid); None if even its fewest steps need more."""
     record = method_record(method)
-    # from the most steps the call count formula allows, down until the built plan fits (the uniform grid can have
-    # a step more than asked)
-    steps = max((s for s in range(1, calls + 1) if record.model_calls(s) <= calls), default=0)
-    while steps >= max(1, record.min_steps):
-        try:
-            grid = pndm_grid(schedule, spacing, steps, sigma_start, sigma_last)
-            used = record.build(grid).model_calls
-            if grid.steps >= record.min_steps and used <= calls:
-                return steps, grid, used
-        except UserError:  # a grid that collapses at these settings
-            pass
-        steps -= 1
-    return None
+    try:
+        grid = fit_grid(record, calls, lambda steps: family_grid(schedule, spacing, steps, sigma_start, sigma_last))
+    except UserError:
+        return None
+    return grid.steps, grid, record.plan(grid).model_calls
 
 
 def run_pndm(mixture, schedule, method: str, grid, noise: torch.Tensor) -> torch.Tensor:
     model = MixtureEps(mixture, schedule)
     x = noise.reshape(noise.shape[0], *mixture.shape).double()
     with torch.inference_mode():
-        out = sample(model, x, schedule, method, grid.steps, backend="torch", timesteps=grid)
+        out = sample(model, x, schedule, method, backend="torch", timesteps=grid)
     return out.reshape(noise.shape[0], -1)
 
 
@@ -318,7 +296,7 @@ def config_label(spacing, s0, s1) -> str:
 
 
 def run_mixture(name: str, mode: str, schedule, log, peers: bool = True) -> list[dict]:
-    from pndm_fast.mixture import MIXTURES
+    from mixture import MIXTURES
 
     mixture = MIXTURES[name]()
     batch = BATCH[mode][name]
@@ -445,7 +423,7 @@ ORDER_TAIL = (0.0, 50.0, 100.0, 150.0)  # the grid's times below 200
 def measured_orders(schedule, log) -> list[dict]:
     """Each method's error at t = 200 on ring-2d against the exact ODE from the noisiest level, on logsnr grids from
     t = 999 landing on t = 200 (end="min"), and its slope per doubling of steps."""
-    from pndm_fast.mixture import MIXTURES
+    from mixture import MIXTURES
 
     mixture = MIXTURES[ORDER_MIXTURE]()
     noise = torch.randn(64, mixture.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -502,7 +480,7 @@ def digits_study(rows: list[dict], mode: str, num: int, log) -> dict:
     """FD of the digits at 5, 6, 8 and 10 calls for the few best of each side, with the floor and seed spread."""
     from accuracy_digits import real_digits, to_unit
     from pndm_fast.config import load_config
-    from pndm_fast.digits_classifier import load_classifier
+    from digits_classifier import load_classifier
     from pndm_fast.frechet import frechet_distance, statistics
     from pndm_fast.images import to_uint8
     from pndm_fast.runners.sample import image_shape, load_model, noise_for
@@ -535,7 +513,7 @@ def digits_study(rows: list[dict], mode: str, num: int, log) -> dict:
         if side == "pndm_fast":
             found = steps_within(schedule, row["name"], calls, row["spacing"], row["sigma_start"], row["sigma_last"])
             with torch.inference_mode():
-                x = sample(model, noise, schedule, row["name"], found[1].steps, backend="fused", timesteps=found[1])
+                x = sample(model, noise, schedule, row["name"], backend="fused", timesteps=found[1])
             used = found[2]
         else:
             cls_name, kwargs = peer_configs()[row["name"]]
@@ -584,11 +562,11 @@ def target_ratio(budget: int) -> float:
 
 
 MIXTURE_TEXT = {
-    "ring-2d": "d = 2: six anisotropic components on a circle, stds 0.04 to 0.2 (`pndm_fast.mixture.ring_2d`).",
+    "ring-2d": "d = 2: six anisotropic components on a circle, stds 0.04 to 0.2 (`mixture.ring_2d`).",
     "images-3x8x8": "d = 192: six isotropic components whose means are little images, stds 0.1 to 0.2 "
-                    "(`pndm_fast.mixture.little_images`).",
+                    "(`mixture.little_images`).",
     "pairs-16d": "d = 16: eight diagonal components, two pairs of them close together, per-coordinate stds 0.02 "
-                 "to 0.5 (`pndm_fast.mixture.close_pairs_16d`); no choice of the study was made on it.",
+                 "to 0.5 (`mixture.close_pairs_16d`); no choice of the study was made on it.",
 }
 
 

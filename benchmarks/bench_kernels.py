@@ -18,7 +18,7 @@ import common
 import paper
 from pndm_fast import Schedule, load_config
 from pndm_fast.ops import available_impls, bind
-from pndm_fast.methods import AB4
+from pndm_fast.solvers import AB4
 
 NAME = "kernels"
 IMAGE = (3, 32, 32)

@@ -1,7 +1,7 @@
 """Does the class-conditional digits model make the digit it is asked for? For each class 0-9, `--num` digits
 are sampled with that label (and `--num` with the null label, no class), at guidance 1 (the conditional model
 alone), through `pndm_fast.sample` with a wrapper that passes the labels; each image goes through uint8, as a PNG
-would hold it, and the shipped digits classifier (pndm_fast/digits_classifier.py, 99% right on held-out real
+would hold it, and the shipped digits classifier (benchmarks/digits_classifier.py, 99% right on held-out real
 digits) names its class. Prints, per asked class, the share classified as that class.
 
     python benchmarks/digits_cond_classes.py [--num 100] [--method F-PNDM] [--sample_step 20] [--seed 0]
@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:  # runnable as a script from anywhere, like the ot
     sys.path.insert(0, str(REPO))
 
 from pndm_fast.config import load_config  # noqa: E402
-from pndm_fast.digits_classifier import load_classifier  # noqa: E402
+from digits_classifier import load_classifier  # noqa: E402
 from pndm_fast.images import to_uint8  # noqa: E402
 from pndm_fast.runners.sample import image_shape, load_model, noise_for  # noqa: E402
 from pndm_fast.sampling import sample  # noqa: E402

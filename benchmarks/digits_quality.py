@@ -3,7 +3,7 @@
 For each diffusion checkpoint given (default: the bundled pndm_fast/weights/digits.safetensors), samples `--num`
 digits from the same noise as `pndm-fast --config digits` (image i's noise depends only on (seed, i), so the first
 64 of the F-PNDM 20-step cell are the README's first grid) with a few (method, steps) cells, and scores each cell
-with the shipped digits classifier (pndm_fast/digits_classifier.py):
+with the shipped digits classifier (benchmarks/digits_classifier.py):
 
 - confident: the share of images whose top class has probability >= 0.9 (real digits give the baseline printed
   on the first line); a garbled or noisy digit is not confidently any class;
@@ -38,7 +38,7 @@ if str(REPO) not in sys.path:  # runnable as a script from anywhere, like the ot
 from benchmarks import common  # noqa: E402
 from benchmarks.accuracy_digits import real_digits, to_unit  # noqa: E402
 from pndm_fast.config import load_config  # noqa: E402
-from pndm_fast.digits_classifier import load_classifier  # noqa: E402
+from digits_classifier import load_classifier  # noqa: E402
 from pndm_fast.frechet import frechet_distance, statistics  # noqa: E402
 from pndm_fast.images import to_uint8  # noqa: E402
 from pndm_fast.models import build_model, load_checkpoint  # noqa: E402

@@ -28,7 +28,7 @@ for path in (REPO, REPO / "benchmarks"):
 import common  # noqa: E402
 from accuracy_digits import real_digits, to_unit  # noqa: E402
 from pndm_fast import Denoiser, pretrained, sample  # noqa: E402
-from pndm_fast.digits_classifier import load_classifier  # noqa: E402
+from digits_classifier import load_classifier  # noqa: E402
 from pndm_fast.frechet import frechet_distance, statistics  # noqa: E402
 from pndm_fast.images import to_uint8  # noqa: E402
 from pndm_fast.runners.sample import noise_for  # noqa: E402

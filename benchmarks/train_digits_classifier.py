@@ -2,7 +2,7 @@
 
 Trains pndm_fast.digits_classifier.DigitsClassifier on scikit-learn's digits at 16x16 (exactly the images the
 bundled diffusion model was trained on) minus the held-out fifth, prints the held-out accuracy, and writes
-pndm_fast/weights/digits_classifier.safetensors. Seeded, single-threaded: the same weights on every run of the
+benchmarks/weights/digits_classifier.safetensors. Seeded, single-threaded: the same weights on every run of the
 same torch build (about 20 CPU-seconds).
 
     python benchmarks/train_digits_classifier.py [--epochs N] [--out PATH]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pndm_fast.digits_classifier import (  # noqa: E402
+from digits_classifier import (  # noqa: E402
     DigitsClassifier, digits_with_labels, held_out_indices, test_accuracy, weights_path)
 from pndm_fast.models import save_state_dict  # noqa: E402
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
+from .levels import eps_weights
 from .plans import Expr, var
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -82,13 +83,8 @@ class Denoiser:
             mixed = (1.0 - w) * var(outputs[1]) + w * var(outputs[0])
         if self.prediction == "eps":
             return mixed
-        alpha, sigma = math.sqrt(level), math.sqrt(1.0 - level)
-        if self.prediction == "x0":  # x = alpha x0 + sigma eps
-            if sigma == 0.0:
-                raise UserError("an x0-predicting model cannot give eps at sigma = 0 (t = -1); use a grid whose "
-                                "model calls stay at t >= 0")
-            return (1.0 / sigma) * var(src) + (-alpha / sigma) * mixed
-        return sigma * var(src) + alpha * mixed  # v = alpha eps - sigma x0  =>  eps = sigma x + alpha v
+        on_x, on_output = eps_weights(self.prediction, level)
+        return on_x * var(src) + on_output * mixed
 
     def caller(self, shape: torch.Size, model_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device,
                times, memory_format=torch.contiguous_format) -> "Caller":

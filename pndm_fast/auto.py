@@ -3,7 +3,7 @@
 the one whose error stays nearest each tuned problem's best (the smallest worst ratio), checked on a problem that
 no choice was made on. A method may carry options ("UniPC-bh1:order=2", pndm_fast.methods.method_record).
 
-`sample_step` is then the budget: the run makes at most that many model calls, warm-ups included. The table maps
+`model_calls` is then the budget: the run makes at most that many model calls, warm-ups included. The table maps
 measured budgets to a method and a grid family: a spacing, the sigma of the first call (None: the noisiest level)
 and the sigma of the last call before the step to sigma = 0 (None: t = 0). A budget between two measured ones takes
 the entry of the largest measured budget below it (above the last, the last; below the first, the first), and as
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from .errors import UserError
 from .grids import TimeGrid, make_grid
-from .methods import method_record
+from .levels import Level
+from .methods import Method, check_budget, fit_grid, method_record
 from .schedule import Schedule
 
 AUTO = "auto"
@@ -38,67 +39,37 @@ TABLE = {
 
 
 def entry_for(budget: int) -> tuple:
+    """The table's entry for `budget`: the largest measured budget at or below it (the first, below all)."""
     keys = sorted(TABLE)
     below = [k for k in keys if k <= budget]
     return TABLE[below[-1] if below else keys[0]]
 
 
-def _grid(schedule: Schedule, spacing: str, steps: int, sigma_start, sigma_last) -> TimeGrid:
+def family_grid(schedule: Schedule, spacing: str, steps: int, sigma_start=None, sigma_last=None) -> TimeGrid:
+    """`steps` steps of the grid family `spacing` whose first call sits at sigma_start (None: the noisiest level)
+    and last at sigma_last (None: t = 0), ending at sigma = 0; "uniform" is the paper's grid."""
     if spacing == "uniform":
         return make_grid(schedule, "uniform", steps)
     n = schedule.num_steps
-
-    def time_at(sigma):
-        return schedule.time_of(1.0 / (1.0 + sigma * sigma))
-
-    t_max = None if sigma_start is None else min(n - 1.0, time_at(sigma_start))
-    t_min = None if sigma_last is None else max(0.0, time_at(sigma_last))
+    t_max = None if sigma_start is None else min(n - 1.0, schedule.time_of(Level.from_sigma(sigma_start).ac))
+    t_min = None if sigma_last is None else max(0.0, schedule.time_of(Level.from_sigma(sigma_last).ac))
     return make_grid(schedule, spacing, steps, "zero", t_max=t_max, t_min=t_min)
 
 
-def _choose(schedule: Schedule, budget, timesteps="uniform", end=None) -> tuple[str, int, TimeGrid]:
+def choose(schedule: Schedule, budget, timesteps="uniform", end=None) -> tuple[Method, TimeGrid]:
+    """(method, grid) for at most `budget` model calls; UserError (one line) for a budget that is not a positive
+    integer, or a grid asked for beside it."""
     if not isinstance(schedule, Schedule):
         raise UserError(f"schedule must be a pndm_fast.Schedule, got {type(schedule).__name__}")
     if not (isinstance(timesteps, str) and timesteps == "uniform") or end is not None:
         raise UserError("method auto chooses its own time grid: drop timesteps and end (or name a method)")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise UserError(f"with method auto, sample_step is the budget of model calls: expected an integer >= 1, "
-                        f"got {budget!r}")
-    method, spacing, sigma_start, sigma_last = entry_for(budget)
+    method, spacing, sigma_start, sigma_last = entry_for(check_budget(budget))
     record = method_record(method)
-    # the most steps the method's call count allows, then down until the built plan fits (the uniform grid can
-    # have a step more than asked: 21 gives 22)
-    steps = max((s for s in range(1, budget + 1) if record.model_calls(s) <= budget), default=0)
-    while steps >= max(1, record.min_steps):
-        try:
-            grid = _grid(schedule, spacing, steps, sigma_start, sigma_last)
-            if grid.steps >= record.min_steps and record.build(grid).model_calls <= budget:
-                return method, steps, grid
-        except UserError:  # a grid too fine for its bounds at this many steps
-            pass
-        steps -= 1
-    # the table's method cannot run this budget (e.g. F-PNDM in fewer than 4 calls): DDIM on the same family
-    spacing = spacing if spacing != "uniform" else "logsnr"
-    return FALLBACK, budget, _grid(schedule, spacing, budget, sigma_start, sigma_last)
+    try:
+        return record, fit_grid(record, budget, lambda s: family_grid(schedule, spacing, s, sigma_start, sigma_last))
+    except UserError:  # the table's method cannot run this budget: DDIM on the same family fits any
+        spacing = spacing if spacing != "uniform" else "logsnr"
+        return method_record(FALLBACK), family_grid(schedule, spacing, budget, sigma_start, sigma_last)
 
 
-def choose(schedule: Schedule, budget, timesteps="uniform", end=None) -> tuple[str, TimeGrid]:
-    """(method, grid) for at most `budget` model calls; UserError (one line) for a budget that is not a positive
-    integer, or a grid asked for beside it."""
-    method, _, grid = _choose(schedule, budget, timesteps, end)
-    return method, grid
-
-
-def as_flags(config: dict, args) -> tuple:
-    """The command line's (method, timesteps, sample_step, timesteps_end) for --method auto, said on stderr."""
-    import sys
-
-    schedule = Schedule.from_config(config["Schedule"])
-    method, steps, grid = _choose(schedule, args.sample_step, args.timesteps, args.timesteps_end)
-    print(f"pndm-fast: auto, {args.sample_step} model calls: {method} on the {grid}", file=sys.stderr)
-    if grid.name == "uniform":
-        return method, "uniform", steps, None
-    return method, tuple(reversed(grid.times[:-1])), steps, "zero"  # the same times, as an explicit list
-
-
-__all__ = ["AUTO", "TABLE", "as_flags", "choose", "entry_for"]
+__all__ = ["AUTO", "TABLE", "choose", "entry_for", "family_grid"]

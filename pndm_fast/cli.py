@@ -33,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --runner convert, the checkpoint is checked against it only when given)")
     p.add_argument("--model", choices=MODELS, help="the architecture; must agree with the config's Model.struc")
     p.add_argument("--method", default="F-PNDM", type=parse_method, metavar="METHOD",
-                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "; auto: --sample_step "
-                   "is then a budget of model calls, and the method and grid the accuracy study found best for it "
-                   "run (docs/accuracy.md). Options follow a colon: DEIS:order=4, "
+                   help="; ".join(f"{m.name}: {m.description}" for m in METHODS.values()) + "; auto (with "
+                   "--model_calls): the method and grid the accuracy study found best for the budget "
+                   "(docs/accuracy.md). Options follow a colon: DEIS:order=4, "
                    "UniPC-bh2:order=2,lower_order_final=false")
-    p.add_argument("--sample_step", type=int, default=50, help="number of sampling steps (the paper's sample_speed)")
+    p.add_argument("--sample_step", type=int, help="number of sampling steps (the paper's sample_speed; default 50)")
+    p.add_argument("--model_calls", type=int, help="instead of --sample_step: a budget of model calls, never "
+                   "exceeded; the method's steps (with --method auto, the method and grid too) are fitted to it")
     p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
                    help=f"time grid: {', '.join(GRID_NAMES)} (default uniform, the paper's), or increasing times "
                         "separated by commas, e.g. 0,50,200,500,999 (the model is called at each)")
@@ -53,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total_num", type=int, help="number of images (default: the config's Sample.total_num)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: the config's Sample.batch_size)")
     p.add_argument("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
-    p.add_argument("--grid", help="also write a grid PNG of the first images (up to 256) here")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--image_grid", "--grid", dest="image_grid", metavar="PNG",
+                   help="also write one PNG of the first images (up to 256) side by side here")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="how the run executes: reference (the "
+                   "methods' formulas op by op), torch (plain-torch combinations), fused (the fastest fused op here), "
+                   "cpp or triton (that fused op), graph (one CUDA graph); auto: graph on CUDA, else fused")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="the UNet's dtype")
     p.add_argument("--nvtx", action="store_true", default=None, help="NVTX ranges per step and model call")
@@ -209,10 +214,10 @@ def validate_args(args) -> None:
         check_checkpoint(args.model_path)
     if args.runner == "sample":
         check_folder("--image_path", args.image_path)
-        if args.grid:
-            if os.path.isdir(args.grid):
-                raise UserError(f"--grid {args.grid} is a folder: expected a PNG file name, e.g. grid.png")
-            check_folder("--grid's folder", os.path.dirname(os.path.abspath(args.grid)))
+        if args.image_grid:
+            if os.path.isdir(args.image_grid):
+                raise UserError(f"--image_grid {args.image_grid} is a folder: expected a PNG file name, e.g. grid.png")
+            check_folder("--image_grid's folder", os.path.dirname(os.path.abspath(args.image_grid)))
     if args.runner == "train" and args.train_path:
         check_folder("--train_path", args.train_path)
 
@@ -254,10 +259,14 @@ def run(args) -> int:
                        batch_size=args.batch_size or 50)
     config = load_config(args.config or "digits")
     check_model_flag(args, config)
-    if args.method == "auto":  # resolved once here, so that runs, settings and checks name what actually ran
-        from .auto import as_flags
+    if args.method == "auto" or args.model_calls is not None:
+        # fitted once here, on the schedule the run samples on, so that runs, settings and checks name what ran
+        from .runners.sample import fit_to_budget
 
-        args.method, args.timesteps, args.sample_step, args.timesteps_end = as_flags(config, args)
+        args.method, args.timesteps = fit_to_budget(config, args)
+        args.timesteps_end = None
+    elif args.sample_step is None:
+        args.sample_step = 50
     if args.runner == "train":
         from .runners.train import train
 
@@ -280,7 +289,7 @@ def run(args) -> int:
         classes=args.classes, guidance=args.guidance,
         image_path=args.image_path, model_path=args.model_path,
         total_num=args.total_num, batch_size=args.batch_size, seed=args.seed, device=device,
-        backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, grid=args.grid,
+        backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, image_grid=args.image_grid,
         progress=not args.no_progress))
     return 0
 

@@ -23,7 +23,7 @@ class PlanRunner:
     """Walks a lowered program over buffers it owns. `x` is the state: copy the noise in, walk, read x out."""
 
     def __init__(self, program: Program, caller: Caller, shape: torch.Size, device: torch.device,
-                 model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, impl: str = "auto",
+                 model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, fused_op: str = "auto",
                  nvtx: bool = False, channels_last: bool = False, trajectory: bool = False):
         self.nvtx, self.caller = nvtx, caller
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -50,7 +50,7 @@ class PlanRunner:
                         consumers[name] = target
                     calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx))
                 else:
-                    calls.append(self._launch(op, consumers, stand_in, impl))
+                    calls.append(self._launch(op, consumers, stand_in, fused_op))
             self.program.append(calls)
 
     def run(self, noise: torch.Tensor) -> None:
@@ -69,12 +69,12 @@ class PlanRunner:
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
 
-    def _launch(self, op: Launch, consumers: dict, stand_in: torch.Tensor, impl: str) -> Callable[[], None]:
+    def _launch(self, op: Launch, consumers: dict, stand_in: torch.Tensor, fused_op: str) -> Callable[[], None]:
         b = self.buffers
         operands = [b[n] if n in b else stand_in for n in op.operands]
         slots = [j for j, n in enumerate(op.operands) if n not in b]
         call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
-                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=impl,
+                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=fused_op,
                     operands_change=bool(slots))
         for j in slots:
             consumers[op.operands[j]].append((operands, j))

@@ -19,14 +19,15 @@ def fused_op_notice(device, backend: str = "fused") -> str:
     kind = torch.device(device).type
     if backend in ("reference", "torch"):
         return f"sampler: backend {backend} (plain torch, no fused op)"
+    impl = backend if backend in ("cpp", "triton") else ops.available_impls(device)[0]
+    if impl == "triton":
+        return f"fused op: Triton kernel (pndm_fast.kernels) on {kind.upper() if kind == 'cuda' else kind}"
+    if impl == "cpp":
+        return "fused op: C++/OpenMP kernel (pndm_fast._C) on the CPU"
     if kind == "cuda":
-        if ops.triton_available():
-            return "fused op: Triton kernel (pndm_fast.kernels) on CUDA"
         return ("fused op: plain torch on CUDA, the Triton kernel did not import; for it, install the triton extra: "
                 "pip install -e \".[triton]\"")
     if kind == "cpu":
-        if ops.cpp_available():
-            return "fused op: C++/OpenMP kernel (pndm_fast._C) on the CPU"
         return ("fused op: plain torch on the CPU, pndm_fast._C was not built (no working C++ compiler with OpenMP "
                 "at install time); for the faster C++ kernel, install one (e.g. apt install g++) and reinstall: "
                 "pip install -e .")

@@ -8,7 +8,8 @@ lambda = +inf).
 Representation. `steps = method(grid, ...)` returns one `Step` per model call, in order. Step i writes each of
 its `updates` (name -> `Update`) as one linear combination of named inputs:
   "x"  the state the step starts from (level ac_i);
-  "Dk" the model prediction k calls ago, in the method's own prediction type (`PREDICTION[method]`):
+  "Dk" the model prediction k calls ago, in the method's own prediction type (eps, or x0 for the data-prediction
+       solvers):
        D0 the newest (made at level ac_i), D1 the one before (level ac_{i-1}), ...
 `Update.weights` maps those names to float64 weights; `Update.x_minus_one` is weights["x"] - 1 computed without
 cancellation (steps near the data move x by ~1e-4 of itself, which float32 would lose as 1 + delta).
@@ -28,7 +29,7 @@ infinite and only a constant x0 has a finite exponential integral there (diffuse
 final_sigmas_type="zero"). Eps-form steps (DEIS, PNDM-exact) integrate over rho, which stays finite (rho -> 0), so
 they keep their order up to the data.
 
-Methods (all take S model calls; `model_calls(S)` = S):
+Methods (all take S model calls for S steps):
   dpm_solver_pp  DPM-Solver++(2M, 3M), Lu et al. 2022: data prediction, exponential integrator in lambda.
   unipc          UniPC (Zhao et al. 2023), bh1 / bh2, UniP-p predictor + UniC corrector, data prediction.
   deis           DEIS tAB (Zhang and Chen 2023): eps, Lagrange basis in log rho (= -lambda), integrated exactly
@@ -37,8 +38,9 @@ Methods (all take S model calls; `model_calls(S)` = S):
   pndm_exact     PNDM's pseudo linear multistep (Liu et al. 2022, eq. 12) with exact weights: the transfer step
                  x_next = (alpha_n / alpha) x + alpha_n (rho_n - rho) e', e' the mean over [rho, rho_n] of the
                  Lagrange interpolant of the past eps, in basis "rho", "lambda" or "log_sigma" (docs/multistep.md
-                 compares them; `PNDM_EXACT_DEFAULT_BASIS`).
-  ddim           the first-order step, x_next = (alpha_n / alpha) x + (sigma_n - alpha_n sigma / alpha) eps.
+                 compares them and says why "lambda" is the default).
+
+`linear_multistep_plan` writes such a list of steps as a plan: one builder style for every method.
 """
 
 from __future__ import annotations
@@ -49,13 +51,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .levels import Level
+from .plans import EPS as EPS_BUFFER
+from .plans import STATE, Expr, Lin, ModelCall, OnePlus, Plan, Ring, var
 
 X0, EPS = "x0", "eps"
 BASES = ("rho", "lambda", "log_sigma")
-# Measured by scripts/multistep_accuracy.py (docs/multistep.md), order 4, 8-20 steps uniform in lambda on Gaussian
-# data: the lambda basis is 3.6-26x more accurate than the rho basis at sigma = 0.3 (8.9e-3 vs 4.5e-2 at 10 steps)
-# and 23-107x near the data; the log-sigma basis diverges (errors up to 3.7e2), its nodes crowding at the noisy end.
-PNDM_EXACT_DEFAULT_BASIS = "lambda"
 
 
 @dataclass(frozen=True)
@@ -68,22 +69,6 @@ class Update:
 class Step:
     order: int  # points of history used (1 = first order)
     updates: dict  # output name ("x_next", "x_corrected") -> Update
-
-
-@dataclass(frozen=True)
-class Level:
-    ac: float
-    one_minus_ac: float
-    alpha: float
-    sigma: float
-    lam: float  # +inf at ac = 1
-    rho: float  # 0 at ac = 1
-
-
-def model_calls(num_steps: int) -> int:
-    """Model calls for a grid of S steps: one per step for every method here (UniPC's corrector reuses the
-    next step's call)."""
-    return int(num_steps)
 
 
 def levels_of(grid) -> list[Level]:
@@ -100,13 +85,7 @@ def levels_of(grid) -> list[Level]:
         raise UserError("grid levels must increase strictly (noisiest first, ac_0 < ac_1 < ... < ac_S)")
     if any(a == 1 for a in acs[:-1]):
         raise UserError("only the last grid level may be ac = 1 (the model is never called at sigma = 0)")
-    out = []
-    for a in acs:
-        om = 1.0 - a
-        alpha, sigma = math.sqrt(a), math.sqrt(om)
-        lam = math.inf if om == 0 else 0.5 * (math.log(a) - math.log(om))
-        out.append(Level(a, om, alpha, sigma, lam, sigma / alpha))
-    return out
+    return [Level.of(a) for a in acs]
 
 
 def _check_order(order: int, top: int) -> int:
@@ -387,23 +366,67 @@ def deis(grid, order: int = 3, lower_order_final: bool = True) -> list[Step]:
     return _eps_lagrange(grid, order, "lambda", lower_order_final, 4)
 
 
-def pndm_exact(grid, order: int = 4, basis: str = PNDM_EXACT_DEFAULT_BASIS,
+def pndm_exact(grid, order: int = 4, basis: str = "lambda",
                lower_order_final: bool = False) -> list[Step]:
     """PNDM's pseudo linear multistep with exact weights for any grid, orders 1-4, low-order start."""
     return _eps_lagrange(grid, order, basis, lower_order_final, 4)
 
 
-def ddim(grid) -> list[Step]:
-    """The DDIM (transfer) step: x_next = (alpha_n / alpha) x + (sigma_n - alpha_n sigma / alpha) eps."""
-    return _eps_lagrange(grid, 1, "rho", False, 1)
+# ---------------------------------------------------------------- plans
+
+def linear_multistep_plan(grid, steps: list[Step], prediction: str) -> Plan:
+    """The plan that runs `steps` (weights over the state and the last predictions) on the TimeGrid `grid`.
+
+    A data prediction is stored as x0 = (x - sigma e) / alpha, written in the same pass as the state update that
+    first reads it; a corrector's state ("x_corrected", UniPC) lives in buffer "xc", so the corrector is folded
+    into the next step's combinations and costs no model call."""
+    corrected = any("x_corrected" in step.updates for step in steps)
+    ring = Ring("d", max(step.order for step in steps) + (1 if corrected else 0))
+    x, plan_steps = var("x"), []
+    for i, ((t, _), step) in enumerate(zip(grid.pairs, steps)):
+        new = ring.push()
+        if prediction == EPS:
+            entries = [ModelCall("x", t, new)]
+        else:
+            level = Level.of(grid.level(t))
+            entries = [ModelCall("x", t, "e"), Lin(new, (1 / level.alpha) * x - (level.sigma / level.alpha) * var("e"))]
+        names = {"x": "xc" if corrected and i > 0 else "x", **{f"D{k}": ring[-1 - k] for k in range(len(ring))}}
+
+        def combination(update: Update) -> Expr:
+            total = Expr()
+            for name, w in update.weights.items():
+                total = total + (OnePlus(update.x_minus_one) if name == "x" else w) * var(names[name])
+            return total
+
+        if corrected and i == 0:  # the start state is the first corrected state: kept beside the new x
+            entries += [Lin("xc", x), Lin("x", combination(step.updates["x_next"]))]
+        elif corrected:  # the next state first (it reads the old xc), then the corrected one in place
+            entries += [Lin("x", combination(step.updates["x_next"])),
+                        Lin("xc", combination(step.updates["x_corrected"]))]
+        else:
+            entries.append(Lin("x", combination(step.updates["x_next"])))
+        plan_steps.append(tuple(entries))
+    kind = EPS_BUFFER if prediction == EPS else STATE
+    buffers = (("x", STATE),) + ((("xc", STATE),) if corrected else ()) + (
+        (("e", EPS_BUFFER),) if prediction != EPS else ()) + tuple((n, kind) for n in ring.names)
+    return Plan("", tuple(plan_steps), buffers, grid.times, grid.name)
 
 
-METHODS = {"dpm_solver_pp": dpm_solver_pp, "unipc": unipc, "deis": deis, "pndm_exact": pndm_exact, "ddim": ddim}
-PREDICTION = {"dpm_solver_pp": X0, "unipc": X0, "deis": EPS, "pndm_exact": EPS, "ddim": EPS}
-NOMINAL_ORDER = {  # (method, order) -> the global order of accuracy claimed by the method's paper
-    **{("dpm_solver_pp", p): p for p in (1, 2, 3)},
-    **{("unipc", p): p + 1 for p in (1, 2, 3)},  # UniC-p raises UniP-p's order by one
-    **{("deis", p): p for p in (1, 2, 3, 4)},
-    **{("pndm_exact", p): p for p in (1, 2, 3, 4)},
-    ("ddim", 1): 1,
-}
+def _levels(grid) -> list[float]:
+    return [grid.level(t) for t in grid.times]
+
+
+def dpm_solver_pp_plan(grid, order: int = 3, lower_order_final: bool = True) -> Plan:
+    return linear_multistep_plan(grid, dpm_solver_pp(_levels(grid), order, lower_order_final), X0)
+
+
+def unipc_plan(grid, variant: str = "bh2", order: int = 3, lower_order_final: bool = True) -> Plan:
+    return linear_multistep_plan(grid, unipc(_levels(grid), order, variant, lower_order_final), X0)
+
+
+def deis_plan(grid, order: int = 3, lower_order_final: bool = True) -> Plan:
+    return linear_multistep_plan(grid, deis(_levels(grid), order, lower_order_final), EPS)
+
+
+def pndm_exact_plan(grid, order: int = 4, basis: str = "lambda", lower_order_final: bool = False) -> Plan:
+    return linear_multistep_plan(grid, pndm_exact(_levels(grid), order, basis, lower_order_final), EPS)

@@ -1,67 +1,67 @@
-"""Float64 reference samplers for the multistep methods of `pndm_fast.multistep`, written op by op from each
-method's paper, on tensors, without the coefficient algebra (no weights over named inputs): the yardstick the
-coefficients are tested against (tests/test_multistep.py).
+"""Float64 references for the multistep methods of `pndm_fast.multistep`, written op by op from each method's
+paper, on tensors, without the coefficient algebra: the yardstick the plans are tested against.
 
-Each sampler takes the start state x (level grid[0]), the grid of levels ac (noisiest first), and eps_fn(x, ac)
--> eps (the model, in eps prediction), and returns the trajectory [x_0, x_1, ..., x_S] (x_i at level grid[i]).
-Orders ramp up with the history as in `pndm_fast.multistep` (same `lower_order_final` meaning).
+Each solver here takes (m, x, times, acs, **options): the model m(x, t) -> eps, the start state x (level acs[0]),
+the grid's times and their levels ac as float64 0-d tensors (noisiest first), and returns the states at every
+level [x_0, ..., x_S]. `float64_reference` turns one into a reference of `pndm_fast.reference`'s protocol
+(m, x, grid, **options), computed in float64 whatever the noise's dtype. Orders ramp up with the history as in
+`pndm_fast.multistep` (same `lower_order_final` meaning).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
+from .levels import tensor_levels
+from .reference import transfer
 
-def _ac(grid) -> list[torch.Tensor]:
-    return [torch.tensor(float(a), dtype=torch.float64) for a in grid]
 
+def float64_reference(solver):
+    """reference(m, x, grid, **options): `solver` in float64 on the grid's levels; the model sees x in the
+    noise's dtype and the states come back in it."""
+    @functools.wraps(solver)
+    def run(m, x, grid, **options):
+        dtype = x.dtype
 
-def _alpha_sigma_lambda(ac: torch.Tensor):
-    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
-    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+        def m64(state, t):
+            return m(state.to(dtype), t).double()
+
+        acs = [torch.tensor(grid.level(t), dtype=torch.float64) for t in grid.times]
+        return [s.to(dtype) for s in solver(m64, x.double(), grid.times, acs, **options)]
+
+    return run
 
 
 def _order(i: int, num: int, order: int, lower_order_final: bool) -> int:
     return min(order, i + 1, num - i) if lower_order_final else min(order, i + 1)
 
 
-def transfer(x: torch.Tensor, eps: torch.Tensor, ac: torch.Tensor, ac_next: torch.Tensor) -> torch.Tensor:
-    """PNDM's transfer part (Liu et al. 2022, eq. 11), the DDIM step:
-    phi(x, e, t, t - d) = sqrt(a_n / a) x - (a_n - a) / (sqrt(a) (sqrt((1 - a_n) a) + sqrt((1 - a) a_n))) e."""
-    return ((ac_next / ac).sqrt() * x
-            - (ac_next - ac) / (ac.sqrt() * (((1 - ac_next) * ac).sqrt() + ((1 - ac) * ac_next).sqrt())) * eps)
-
-
-def ddim_sample(x, grid, eps_fn) -> list[torch.Tensor]:
-    acs = _ac(grid)
-    out = [x]
-    for i in range(len(acs) - 1):
-        out.append(transfer(out[-1], eps_fn(out[-1], acs[i]), acs[i], acs[i + 1]))
-    return out
+def _level_of(acs):
+    return lambda i: acs[i]
 
 
 def _x0(x, eps, ac):
-    alpha, sigma, _ = _alpha_sigma_lambda(ac)
+    alpha, sigma, _ = tensor_levels(ac)
     return (x - sigma * eps) / alpha
 
 
-def dpm_solver_pp_sample(x, grid, eps_fn, order: int = 3, lower_order_final: bool = True) -> list[torch.Tensor]:
+def dpm_solver_pp(m, x, times, acs, order: int = 3, lower_order_final: bool = True) -> list[torch.Tensor]:
     """DPM-Solver++ multistep (Lu et al. 2022): 2M as in its Algorithm 2,
     x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i, D_i = (1 + 1/(2 r_i)) x0_{i-1}
     - 1/(2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i; 3M as the paper's code (dpmsolver++ third-order multistep) with
     phi_1 = e^{-h} - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2. A step to sigma = 0 is first order."""
-    acs = _ac(grid)
     num = len(acs) - 1
     xs, x0s = [x], []
     for i in range(num):
         s, t = acs[i], acs[i + 1]
-        x0s.append(_x0(xs[-1], eps_fn(xs[-1], s), s))
+        x0s.append(_x0(xs[-1], m(xs[-1], times[i]), s))
         p = _order(i, num, order, lower_order_final)
-        alpha_s, sigma_s, lam_s = _alpha_sigma_lambda(s)
-        alpha_t, sigma_t, lam_t = _alpha_sigma_lambda(t)
+        alpha_s, sigma_s, lam_s = tensor_levels(s)
+        alpha_t, sigma_t, lam_t = tensor_levels(t)
         if float(t) == 1.0:
             xs.append(x0s[-1])  # sigma_t = 0: e^{-h} = 0, x_t = alpha_t x0 = x0
             continue
@@ -70,11 +70,11 @@ def dpm_solver_pp_sample(x, grid, eps_fn, order: int = 3, lower_order_final: boo
         if p == 1:
             xs.append(sigma_t / sigma_s * xs[-1] - alpha_t * phi_1 * x0s[-1])
         elif p == 2:
-            r = (lam_s - _alpha_sigma_lambda(acs[i - 1])[2]) / h
+            r = (lam_s - tensor_levels(acs[i - 1])[2]) / h
             d = (1 + 1 / (2 * r)) * x0s[-1] - 1 / (2 * r) * x0s[-2]
             xs.append(sigma_t / sigma_s * xs[-1] - alpha_t * phi_1 * d)
         else:
-            lam_1, lam_2 = _alpha_sigma_lambda(acs[i - 1])[2], _alpha_sigma_lambda(acs[i - 2])[2]
+            lam_1, lam_2 = tensor_levels(acs[i - 1])[2], tensor_levels(acs[i - 2])[2]
             r0, r1 = (lam_s - lam_1) / h, (lam_1 - lam_2) / h
             m0, m1, m2 = x0s[-1], x0s[-2], x0s[-3]
             d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
@@ -113,47 +113,51 @@ def _unipc_coefficients(lams, k_base: int, p: int, variant: str, corrector: bool
     return bh, h_phi_1, rks, rhos
 
 
-def unipc_sample(x, grid, eps_fn, order: int = 3, variant: str = "bh2",
-                 lower_order_final: bool = True) -> list[torch.Tensor]:
+def unipc_states(m, x, times, acs, variant: str = "bh2", order: int = 3,
+                 lower_order_final: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """UniPC (Zhao et al. 2023), data prediction: the UniP-p predictor x_t = (sigma_t / sigma_s) x - alpha_t
     (e^{h_hat} - 1) m0 - alpha_t B(h) sum_k a_k D_k / r_k, then, once the model has been called at x_t, the UniC-p
     corrector with the same formula over the history plus D_t = m_t - m0 (coefficient a_p). Returns the
     trajectory of the states the model is called at (the predicted ones) and, last, the final predicted state;
     the list of corrected states is returned as second value."""
-    acs = _ac(grid)
     num = len(acs) - 1
-    lams = [_alpha_sigma_lambda(a)[2] for a in acs]
+    lams = [tensor_levels(a)[2] for a in acs]
     predicted, corrected, ms = [x], [], []
     orders = []
     for i in range(num):
-        m = _x0(predicted[-1], eps_fn(predicted[-1], acs[i]), acs[i])
+        d = _x0(predicted[-1], m(predicted[-1], times[i]), acs[i])
         if i == 0:
             corrected.append(predicted[-1])
         else:
             q = orders[-1]
             bh, h_phi_1, rks, rhos = _unipc_coefficients(lams, i - 1, q, variant, corrector=True)
-            alpha_t, sigma_t, _ = _alpha_sigma_lambda(acs[i])
-            sigma_s = _alpha_sigma_lambda(acs[i - 1])[1]
+            alpha_t, sigma_t, _ = tensor_levels(acs[i])
+            sigma_s = tensor_levels(acs[i - 1])[1]
             m0 = ms[-1]
             res = sum((rhos[k - 1] * (ms[-1 - k] - m0) / rks[k - 1] for k in range(1, q)), torch.zeros_like(m0))
             corrected.append(sigma_t / sigma_s * corrected[-1] - alpha_t * h_phi_1 * m0
-                             - alpha_t * bh * (res + rhos[-1] * (m - m0)))
-        ms.append(m)
+                             - alpha_t * bh * (res + rhos[-1] * (d - m0)))
+        ms.append(d)
         p = _order(i, num, order, lower_order_final)
         if float(acs[i + 1]) == 1.0:
             p = 1
         orders.append(p)
-        alpha_t, sigma_t, _ = _alpha_sigma_lambda(acs[i + 1])
-        sigma_s = _alpha_sigma_lambda(acs[i])[1]
+        alpha_t, sigma_t, _ = tensor_levels(acs[i + 1])
+        sigma_s = tensor_levels(acs[i])[1]
         if float(acs[i + 1]) == 1.0:
-            predicted.append(m)  # sigma_t = 0, alpha_t = 1: the state is the data prediction
+            predicted.append(d)  # sigma_t = 0, alpha_t = 1: the state is the data prediction
             continue
         bh, h_phi_1, rks, rhos = _unipc_coefficients(lams, i, p, variant, corrector=False)
-        x_t = sigma_t / sigma_s * corrected[-1] - alpha_t * h_phi_1 * m
+        x_t = sigma_t / sigma_s * corrected[-1] - alpha_t * h_phi_1 * d
         if p > 1:
-            x_t = x_t - alpha_t * bh * sum(rhos[k - 1] * (ms[-1 - k] - m) / rks[k - 1] for k in range(1, p))
+            x_t = x_t - alpha_t * bh * sum(rhos[k - 1] * (ms[-1 - k] - d) / rks[k - 1] for k in range(1, p))
         predicted.append(x_t)
     return predicted, corrected
+
+
+def unipc(m, x, times, acs, variant: str = "bh2", order: int = 3, lower_order_final: bool = True):
+    """UniPC's predicted states (the ones the model is called at, then the last)."""
+    return unipc_states(m, x, times, acs, variant, order, lower_order_final)[0]
 
 
 # ------------------------------------------------- eps-form Lagrange steps (DEIS, PNDM-exact) by brute force
@@ -207,18 +211,17 @@ def mean_eps(basis: str, nodes_ac: list[float], eps: list[torch.Tensor], ac: flo
     return total / (rho_n - rho)
 
 
-def eps_lagrange_sample(x, grid, eps_fn, order: int, basis: str,
-                        lower_order_final: bool = False) -> list[torch.Tensor]:
+def eps_lagrange(m, x, times, acs, order: int, basis: str, lower_order_final: bool = False) -> list[torch.Tensor]:
     """PNDM's pseudo linear multistep (Liu et al. 2022, eq. 12), x_next = phi(x, e', t, t - d), with e' the exact
     mean of the eps interpolant over the step in d rho (rho = sigma / alpha, the variable in which the transfer
     integrates a constant eps exactly); with basis "lambda" this is DEIS's log-rho tAB."""
-    acs = [float(a) for a in grid]
     num = len(acs) - 1
+    levels = [float(a) for a in acs]
     xs, eps = [x], []
     for i in range(num):
-        eps.append(eps_fn(xs[-1], torch.tensor(acs[i], dtype=torch.float64)))
+        eps.append(m(xs[-1], times[i]))
         p = _order(i, num, order, lower_order_final)
-        e = eps[-1] if p == 1 else mean_eps(basis, acs[i - p + 1:i + 1][::-1], eps[::-1][:p], acs[i], acs[i + 1])
-        xs.append(transfer(xs[-1], e, torch.tensor(acs[i], dtype=torch.float64),
-                           torch.tensor(acs[i + 1], dtype=torch.float64)))
+        e = eps[-1] if p == 1 else mean_eps(basis, levels[i - p + 1:i + 1][::-1], eps[::-1][:p], levels[i],
+                                            levels[i + 1])
+        xs.append(transfer(xs[-1], i, i + 1, e, _level_of(acs)))
     return xs

@@ -61,16 +61,17 @@ def triton_available() -> bool:
 
 
 def available_impls(device) -> list[str]:
-    """The implementations that lincomb can run on float32 tensors of `device`, fastest first."""
+    """The implementations that lincomb can run on float32 tensors of `device`, fastest first: the first is what
+    impl="auto" runs (the one place that choice is made)."""
     kind = torch.device(device).type
     if kind == "cuda":
         return (["triton"] if triton_available() else []) + ["torch"]
     if kind != "cpu":
         return ["torch"]
-    impls = ["cpp"] if cpp_available() else []
+    impls = (["cpp"] if cpp_available() else []) + ["torch"]
     if os.environ.get("TRITON_INTERPRET") == "1" and triton_available():
-        impls.append("triton")
-    return impls + ["torch"]
+        impls.append("triton")  # Triton's interpreter: for testing the kernel, slower than any other
+    return impls
 
 
 def lincomb_torch(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False) -> None:
@@ -229,13 +230,7 @@ def _check(out, x, operands, weights, out2, weights2, impl) -> str:
 
     kind = x.device.type
     if impl == "auto":
-        if x.dtype == torch.float64:
-            return "torch"
-        if kind == "cuda" and triton_available():
-            return "triton"
-        if kind == "cpu" and cpp_available():
-            return "cpp"
-        return "torch"
+        return "torch" if x.dtype == torch.float64 else available_impls(x.device)[0]
     if impl != "torch" and (x.dtype == torch.float64 or any(v.dtype == torch.float64 for v in operands)):
         raise TypeError(f"lincomb: impl={impl!r} computes in float32; float64 tensors need impl='torch' or 'auto'")
     if impl == "cpp":

@@ -211,3 +211,25 @@ def validate(plan: Plan) -> None:
                     raise PlanError(f"{where}: a combination needs at least one state-buffer term (the fused "
                                     "kernel's float32 base)")
                 written.add(entry.out)
+
+
+class Ring:
+    """Names for the last `size` history values; resolved while building, so the plan holds plain names."""
+
+    def __init__(self, prefix: str, size: int):
+        self.names = [f"{prefix}{i}" for i in range(size)]
+        self.count = 0
+
+    def push(self) -> str:
+        """The slot the next value goes into: the one holding the oldest value, no longer needed."""
+        name = self.names[self.count % len(self.names)]
+        self.count += 1
+        return name
+
+    def __getitem__(self, back: int) -> str:
+        """ring[-1] is the newest value, ring[-2] the one before it, and so on."""
+        assert -len(self.names) <= back < 0 and -back <= self.count
+        return self.names[(self.count + back) % len(self.names)]
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.names))

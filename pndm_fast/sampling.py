@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 import weakref
@@ -11,22 +10,26 @@ from collections import OrderedDict
 
 import torch
 
-from . import auto, reference
+from . import auto
 from .adapters import Denoiser, as_denoiser
 from .engine import GraphRunner, PlanRunner
 from .errors import UserError
 from .grids import TimeGrid, make_grid
+from .levels import eps_weights
 from .lowering import lower
-from .methods import method_record
+from .ops import available_impls
+from .methods import Method, as_method, fit_grid
 from .models import input_problem
 from .plans import Plan
 from .profiling import nvtx_enabled
 from .schedule import Schedule
 from .compilation import _COMPILED, compiled  # noqa: F401  (compiled is part of this module's API)
 
-BACKENDS = ("auto", "reference", "torch", "fused", "graph")
-"""reference: the paper's formulas op by op. torch: plans with plain-torch combinations. fused: plans with the
-fused op (Triton on CUDA, C++ on CPU). graph: fused, with the whole loop in one CUDA graph (CUDA only)."""
+BACKENDS = ("auto", "reference", "torch", "fused", "cpp", "triton", "graph")
+"""How a run executes: "reference", the methods' own formulas op by op; "torch", the plan with plain-torch
+combinations; "fused", the plan with the fastest fused op here; "cpp" or "triton", the plan with that fused op;
+"graph", the fused plan with the whole loop in one CUDA graph (CUDA only); "auto", graph on CUDA, else fused."""
+FUSED_OP = {"torch": "torch", "fused": "auto", "cpp": "cpp", "triton": "triton", "graph": "auto"}
 
 # Idle runners own buffers (and graphs) for one network, most recently used last; they die with it, since a runner
 # never holds its network (the caller is handed the network for each eager run). Each network keeps at most
@@ -89,12 +92,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "graph" and device.type != "cuda":
         raise UserError(f"backend 'graph' captures CUDA graphs and needs a CUDA device, not {device.type}; "
                         "use --backend fused (or auto)")
+    if backend in ("cpp", "triton") and backend not in available_impls(device):
+        raise UserError(f"backend {backend!r} does not run on {device.type} here (the fused ops that do: "
+                        f"{', '.join(available_impls(device))}); use --backend fused (or auto)")
     return backend
 
 
 @functools.lru_cache(maxsize=64)
-def cached_plan(grid: TimeGrid, method: str) -> Plan:
-    return method_record(method).build(grid)
+def cached_plan(grid: TimeGrid, record: Method) -> Plan:
+    return record.plan(grid)
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,8 +110,13 @@ def cached_grid(schedule: Schedule, timesteps, sample_step, end) -> TimeGrid:
 
 def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = None,
              end: str | None = None) -> TimeGrid:
-    """The run's grid (cached): `timesteps` a grid name or an increasing list of times."""
+    """The run's grid (cached): `timesteps` a grid name, an increasing list of times, or a TimeGrid."""
     if isinstance(timesteps, TimeGrid):
+        if sample_step is not None or end is not None:
+            raise UserError("a TimeGrid is a whole grid: give it without sample_step or end")
+        if not timesteps.schedule.same_levels(schedule):
+            raise UserError(f"the TimeGrid was made on another schedule ({timesteps.schedule.description}) than the "
+                            f"run's ({schedule.description}); make it with make_grid on the run's schedule")
         return timesteps
     if not isinstance(timesteps, str):
         try:
@@ -119,50 +130,69 @@ def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = 
     return make_grid(schedule, timesteps, sample_step, end)
 
 
-def model_dtype_of(model) -> torch.dtype:
-    """The dtype the model computes in: its first parameter's, float32 for a model without parameters."""
+def resolve_run(schedule: Schedule, method, sample_step=None, timesteps="uniform", end=None,
+                model_calls=None) -> tuple[Method | None, TimeGrid | None, Plan]:
+    """(record, grid, plan) of a run: `method` a name, "auto", a Method or a Plan; `model_calls` a budget that the
+    method's steps are fitted to (auto's is its table's). Record and grid are None for a Plan given whole."""
+    if not isinstance(schedule, Schedule):
+        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
+                        f"got {type(schedule).__name__}")
+    if isinstance(method, Plan):
+        if sample_step is not None or model_calls is not None or end is not None or not (
+                isinstance(timesteps, str) and timesteps == "uniform"):
+            raise UserError("a Plan carries its own grid: give it without sample_step, model_calls, timesteps or end")
+        return None, None, method
+    if model_calls is not None and sample_step is not None:
+        raise UserError("give sample_step (steps of the grid) or model_calls (a budget the steps are fitted to), "
+                        "not both")
+    if method == auto.AUTO:
+        if sample_step is not None:
+            raise UserError("method auto chooses its steps from a budget: give model_calls=N, not sample_step")
+        record, grid = auto.choose(schedule, 50 if model_calls is None else model_calls, timesteps, end)
+    else:
+        record = as_method(method)
+        if model_calls is None:
+            grid = grid_for(schedule, timesteps, sample_step, end)
+        else:
+            grid = fit_grid(record, model_calls, lambda steps: grid_for(schedule, timesteps, steps, end))
+    return record, grid, cached_plan(grid, record)
+
+
+def model_dtype_of(model, noise_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the model computes in: its first parameter's; for a model without parameters (a plain function),
+    float64 with float64 noise, else float32."""
     if isinstance(model, torch.nn.Module):
         for param in model.parameters():
             return param.dtype
-    return torch.float32
+    return torch.float64 if noise_dtype == torch.float64 else torch.float32
 
 
-def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM", sample_step: int | None = None,
+def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", sample_step: int | None = None,
            backend: str = "auto", return_trajectory: bool = False, *, timesteps="uniform", end: str | None = None,
-           compile: bool = False, nvtx: bool | None = None, channels_last: bool = False, impl: str = "auto",
-           check_finite: bool = True) -> torch.Tensor:
+           model_calls: int | None = None, compile: bool = False, nvtx: bool | None = None,
+           channels_last: bool = False, check_finite: bool = True) -> torch.Tensor:
     """Sample from `noise` (B, C, H, W) with `method` in `sample_step` steps (default 50) of the grid `timesteps`.
 
     `model` is a network called as model(x, t) returning eps, or a `Denoiser` (x0/v prediction, conditioning,
-    classifier-free guidance, diffusers UNets). `timesteps`: "uniform" (the paper's integer skip, the default),
-    "quadratic", "logsnr", "karras", or an increasing list of times; `end` ("zero" or "min") says where a named
-    non-uniform grid ends (pndm_fast/grids.py). `backend`: "auto" (the CUDA graph on a GPU, the fused op on a CPU),
-    "fused", "graph", "torch" (plain-torch combinations) or "reference" (the methods' own formulas, op by op).
-
-    `method="auto"` makes `sample_step` a budget of model calls (never exceeded) and runs the method and grid that
-    benchmarks/accuracy_peers.py measured most accurate for it (pndm_fast/auto.py).
+    classifier-free guidance, diffusers UNets). `method`: a registered name with its options ("DEIS:order=4"), a
+    `Method`, a `Plan` built whole (it carries its grid), or "auto". `timesteps`: "uniform" (the paper's integer
+    skip, the default), "quadratic", "logsnr", "karras", an increasing list of times, or a `TimeGrid`; `end`
+    ("zero" or "min") says where a named non-uniform grid ends (pndm_fast/grids.py). `model_calls=N` instead of
+    `sample_step` fits the steps to a budget of N model calls; `method="auto"` then runs the method and grid that
+    the accuracy study measured most accurate for it (pndm_fast/auto.py). `backend`: one of `BACKENDS`.
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
     in float32 (float64 when the noise or the model is float64). `compile=True` compiles the network's blocks in
-    place, once. `impl` picks the fused op's implementation ("auto", "triton", "cpp" or "torch").
-    Runs without autograd. Safe to call from several threads at once, on one model too.
+    place, once. Runs without autograd. Safe to call from several threads at once, on one model too.
 
     The inputs are checked before anything runs (UserError, one line): rank 4, a floating dtype, a non-empty
     batch, the model's device and not meta, channels and size the model takes, and finite values.
     `check_finite=False` skips the last check, the only one that reads a value back from the device (one host
     sync per call), for latency-critical callers that know their noise is finite.
     """
-    if method == "auto":  # sample_step is a budget of model calls: the study's (method, grid) for it (auto.py)
-        method, timesteps = auto.choose(schedule, 50 if sample_step is None else sample_step, timesteps, end)
+    record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     denoiser = as_denoiser(model)
-    record = method_record(method)
-    if not isinstance(schedule, Schedule):
-        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
-                        f"got {type(schedule).__name__}")
-    grid = grid_for(schedule, timesteps, sample_step, end)
-    if grid.steps < record.min_steps:
-        raise UserError(f"{method} needs at least {record.min_steps} steps, the grid has {grid.steps}")
     check_inputs(denoiser, noise, check_finite)
     backend = resolve_backend(backend, noise.device)
     module = denoiser.module
@@ -170,16 +200,17 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method: str = "F-PNDM
         compiled(module)
     with torch.no_grad():
         if backend == "reference":
+            if record is None:
+                raise UserError("backend 'reference' runs a method's own formulas: a Plan given whole has none; "
+                                "use backend torch")
             # The methods' formulas are written for float32 or float64: in float16 the alpha table loses its last
             # steps (ac ~ 4e-5 is subnormal there) and the run ends in NaN. Half noise runs in float32, exactly
             # like the fast backends' float32 state, and comes back in its own dtype.
             state = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
-            x = reference.sample_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid,
-                                           record.reference_step, return_trajectory, run=record.reference_run)
-            return x.to(noise.dtype)
-        plan = cached_plan(grid, method)
+            states = record.run_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid)
+            return (torch.stack(states) if return_trajectory else states[-1]).to(noise.dtype)
         owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
-                                      nvtx_enabled(nvtx), channels_last, impl)
+                                      nvtx_enabled(nvtx), channels_last)
         try:
             runner.caller.load(denoiser)
             runner.run(noise)
@@ -255,11 +286,8 @@ def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
         out = out.to(x.dtype)
         if denoiser.prediction == "eps":
             return out
-        a = schedule.alpha(t)
-        alpha, sigma = math.sqrt(a), math.sqrt(1 - a)
-        if denoiser.prediction == "x0":
-            return (x - alpha * out) / sigma
-        return sigma * x + alpha * out
+        on_x, on_output = eps_weights(denoiser.prediction, schedule.alpha(t))
+        return on_x * x + on_output * out
 
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
         w = denoiser.guidance
@@ -282,20 +310,19 @@ def _signature(denoiser: Denoiser) -> tuple:
             shape_of(denoiser.model_kwargs), type(denoiser.net).__name__)
 
 
-def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend, trajectory, nvtx, channels_last,
-             impl):
+def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend, trajectory, nvtx, channels_last):
     """(owner, key, runner): an idle runner for this network, plan, shape and dtype, or a new one. The caller owns
     it until `checkin`."""
     module = denoiser.module
     owner = module if module is not None else denoiser.net
-    model_dtype = model_dtype_of(module)
+    model_dtype = model_dtype_of(module, noise.dtype)
     # float64 noise or a float64 model asks for float64 throughout (the fused op computes in float32 at most, so
     # the executor then combines with plain torch); anything else keeps the state in float32.
     state_dtype = torch.float64 if torch.float64 in (noise.dtype, model_dtype) else torch.float32
     # Buffers made under inference_mode are inference tensors, which a later no_grad call may not write into:
     # the mode keys its own runner. Compiling keys one too, so that no graph captured eagerly is replayed after.
     key = (plan, _signature(denoiser), tuple(noise.shape), noise.device, state_dtype, backend, trajectory, nvtx,
-           channels_last, impl, owner in _COMPILED, torch.is_inference_mode_enabled())
+           channels_last, owner in _COMPILED, torch.is_inference_mode_enabled())
     with _LOCK:
         runners = _RUNNERS.get(owner)
         if runners is None:
@@ -310,7 +337,7 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     caller = denoiser.caller(noise.shape, model_dtype, state_dtype, noise.device, program.times, fmt)
     runner = PlanRunner(program, caller, noise.shape, noise.device, model_dtype, state_dtype,
-                        impl="torch" if backend == "torch" else impl, nvtx=nvtx, channels_last=channels_last,
+                        fused_op=FUSED_OP[backend], nvtx=nvtx, channels_last=channels_last,
                         trajectory=trajectory)
     if backend == "graph":
         caller.load(denoiser)

@@ -93,6 +93,10 @@ class Schedule:
         return (f"Schedule({self.description}; alpha_cumprod {float(self.alphas_cumprod[0]):.6g} at t=0 to "
                 f"{float(self.alphas_cumprod[-1]):.3g} at t={self.num_steps - 1})")
 
+    def same_levels(self, other: "Schedule") -> bool:
+        """Whether `other` reads every time as the same noise level (the same table)."""
+        return other is self or np.array_equal(self.paper_table, other.paper_table)
+
     def alpha(self, t: float) -> float:
         """The noise level (alpha-bar, the cumulative product) the model is asked about at time t in [-1, N - 1]:
         ac[t] at integer t, log ac linear in between, 1 at t = -1. Float64."""

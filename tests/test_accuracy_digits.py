@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pndm_fast.config import load_config
-from pndm_fast.digits_classifier import held_out_indices, load_classifier
+from digits_classifier import held_out_indices, load_classifier
 from pndm_fast.frechet import frechet_distance, statistics
 from pndm_fast.methods import METHODS, build_plan
 from pndm_fast.schedule import Schedule

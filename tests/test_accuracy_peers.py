@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import accuracy_peers as ap  # noqa: E402
 
 from pndm_fast import Schedule, load_config  # noqa: E402
-from pndm_fast.mixture import GaussianMixture  # noqa: E402
+from mixture import GaussianMixture  # noqa: E402
 
 MU, STD = 0.3, 0.4  # one Gaussian component: the flow is affine in closed form
 

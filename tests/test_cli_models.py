@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pndm_fast.cli import main
-from pndm_fast.digits_classifier import load_classifier
+from digits_classifier import load_classifier
 
 
 def run(*argv):

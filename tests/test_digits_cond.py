@@ -12,7 +12,7 @@ import torch
 import pndm_fast
 from pndm_fast import UserError, load_config
 from pndm_fast.data import load_dataset
-from pndm_fast.digits_classifier import load_classifier
+from digits_classifier import load_classifier
 from pndm_fast.images import to_uint8
 from pndm_fast.models import build_model, load_checkpoint
 from pndm_fast.runners.sample import resolve_model_path

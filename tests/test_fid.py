@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pndm_fast import cli
-from pndm_fast.digits_classifier import load_classifier
+from digits_classifier import load_classifier
 from pndm_fast.errors import UserError
 from pndm_fast.frechet import frechet_distance, statistics
 from pndm_fast.images import to_uint8, write_png_atomic

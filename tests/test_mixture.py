@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pndm_fast import Schedule, UserError, load_config, sample
-from pndm_fast.mixture import (MIXTURES, SAMPLER, TRUE, GaussianMixture, MixtureEps, exact_solutions, little_images,
+from mixture import (MIXTURES, SAMPLER, TRUE, GaussianMixture, MixtureEps, exact_solutions, little_images,
                                ring_2d)
 from pndm_fast.methods import METHODS, build_plan
 

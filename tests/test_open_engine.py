@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pndm_fast import METHODS, Denoiser, Schedule, UserError, build_model, make_grid, ops, sample
 from pndm_fast.lowering import lower
 from pndm_fast.methods import build_plan
-from pndm_fast.mixture import MixtureEps, ring_2d
+from mixture import MixtureEps, ring_2d
 from pndm_fast.plans import EPS, STATE, Lin, ModelCall, Plan, PlanError, var
 
 LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000})

@@ -1,20 +1,18 @@
 """Peer equivalence: diffusers' schedulers and our coefficients, on the same noise levels with the same exact eps in
 float64, agree to 1e-10 at every step. The convention differences adapted here are listed in docs/peers.md."""
 
-import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from multistep_run import run_steps
+
+from pndm_fast import Schedule, sample
 from pndm_fast import multistep as ms
-from pndm_fast.multistep_run import run_steps
 
 # any import failure skips (absent, or installed without a dependency it needs)
 diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warnings inside diffusers
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from accuracy_peers import KeepFloat64  # noqa: E402  (the study feeds diffusers the same way)
 
 MU, STD = 0.4, 0.5  # data x0 ~ N(MU, STD^2) elementwise: eps has a closed form
@@ -60,7 +58,7 @@ def test_dpm_solver_pp_multistep(order, steps):
     assert levels[-1] == 1.0  # final_sigmas_type="zero": the last step lands on the data
     # its lower_order_final acts only below 15 steps; the step to sigma = 0 is first order either way
     plan = ms.dpm_solver_pp(levels, order, lower_order_final=steps < 15)
-    ours, _ = run_steps(plan, start_noise(), levels, exact_eps, ms.PREDICTION["dpm_solver_pp"])
+    ours, _ = run_steps(plan, start_noise(), levels, exact_eps, "x0")
     assert_every_step_agrees(theirs, ours)
 
 
@@ -74,7 +72,7 @@ def test_unipc(variant, final, order, steps):
     levels, theirs = run_sigma_scheduler(scheduler, steps)
     assert (levels[-1] == 1.0) == (final == "zero")
     plan = ms.unipc(levels, order, variant)  # its lower_order_final applies at any step count
-    ours, corrected = run_steps(plan, start_noise(), levels, exact_eps, ms.PREDICTION["unipc"])
+    ours, corrected = run_steps(plan, start_noise(), levels, exact_eps, "x0")
     # diffusers returns the predicted states (the model is called there); the corrector shows in the next one
     assert_every_step_agrees(theirs, ours)
     assert len(corrected) == steps
@@ -87,22 +85,27 @@ def test_deis(order, steps):
     levels, theirs = run_sigma_scheduler(scheduler, steps)
     assert levels[-1] < 1.0  # DEIS ends at alphas_cumprod[0], not on the data
     plan = ms.deis(levels, order, lower_order_final=steps < 15)
-    ours, _ = run_steps(plan, start_noise(), levels, exact_eps, ms.PREDICTION["deis"])
+    ours, _ = run_steps(plan, start_noise(), levels, exact_eps, "eps")
     assert_every_step_agrees(theirs, ours)
 
 
 @pytest.mark.parametrize("steps", [5, 20])
 def test_ddim(steps):
+    """The whole sampler (sample(), plan, lowering, float64 torch backend) on diffusers' own betas and time steps."""
     scheduler = diffusers.DDIMScheduler(clip_sample=False)  # its default clips x0 to [-1, 1]
     scheduler.set_timesteps(steps)
+    schedule = Schedule(scheduler.betas.double().numpy())  # the same float32 betas, so the same float32 table
+    assert torch.equal(schedule.alphas_cumprod, scheduler.alphas_cumprod)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
-    # it reads ac at each integer timestep; the last step goes to final_alpha_cumprod = 1 (set_alpha_to_one)
-    levels = [float(scheduler.alphas_cumprod[t]) for t in scheduler.timesteps] + [1.0]
     x = start_noise()
     theirs = [x]
-    for i, t in enumerate(scheduler.timesteps):
-        eps = exact_eps(theirs[-1], torch.tensor(levels[i], dtype=torch.float64))
+    for t in scheduler.timesteps:  # it reads ac at each integer time step, and ends at ac = 1 (set_alpha_to_one)
+        eps = exact_eps(theirs[-1], scheduler.alphas_cumprod[t])
         theirs.append(scheduler.step(eps, t, theirs[-1], eta=0.0).prev_sample)
-    ours, _ = run_steps(ms.ddim(levels), x, levels, exact_eps, ms.PREDICTION["ddim"])
-    assert_every_step_agrees(theirs, ours)
-    assert math.isclose(levels[0], float(scheduler.alphas_cumprod[scheduler.timesteps[0]]))
+
+    def model(x, t):
+        return exact_eps(x, torch.tensor(schedule.alpha(float(t[0])), dtype=torch.float64))
+
+    times = sorted(int(t) for t in scheduler.timesteps)
+    ours = sample(model, x[..., None], schedule, "DDIM", backend="torch", return_trajectory=True, timesteps=times)
+    assert_every_step_agrees(theirs, list(ours[..., 0]))

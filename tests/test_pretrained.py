@@ -49,7 +49,7 @@ def test_the_readme_grid_is_digits():
     the shipped classifier: at most MAX_UNSURE are below 0.9 probability for their top class. Measured by
     `python benchmarks/digits_quality.py`: 4% of real digits are; the bundled model before its longer training
     left 25 of these 64."""
-    from pndm_fast.digits_classifier import load_classifier
+    from digits_classifier import load_classifier
     from pndm_fast.images import to_uint8
     from pndm_fast.runners.sample import noise_for
 

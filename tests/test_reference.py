@@ -7,7 +7,6 @@ import torch
 from conftest import CallCounter, golden_model, golden_run_params, golden_trajectory, relative_l2
 
 from pndm_fast import METHODS, Schedule, make_grid
-from pndm_fast.reference import sample_reference
 from pndm_fast.sampling import reference_eps_model
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -30,8 +29,8 @@ def test_reference_matches_golden_trajectory(name, run):
     grid = make_grid(schedule, "uniform", run["sample_speed"])
     assert [int(t) for t in reversed(grid.times[:-1])] == run["seq"] and grid.times[-1] == -1
     with torch.no_grad(), CallCounter(model) as counter:
-        trajectory = sample_reference(reference_eps_model(model, noise.shape[1]), noise, grid,
-                                      METHODS[run["method"]].reference_step, return_trajectory=True)
+        trajectory = torch.stack(METHODS[run["method"]].run_reference(reference_eps_model(model, noise.shape[1]),
+                                                                      noise, grid))
     assert trajectory.shape == golden.shape and trajectory.dtype == dtype
     worst = max(relative_l2(trajectory[i], golden[i]) for i in range(len(golden)))
     assert worst <= tolerance(run), f"largest per-step relative L2 {worst:.3e}"

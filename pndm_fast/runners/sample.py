@@ -9,6 +9,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -22,11 +23,10 @@ from ..atomic import atomic_file, remove_stale_temps
 from ..errors import UserError
 from ..images import image_grid, png_text, read_png, to_uint8, write_png_atomic
 from ..lock import folder_lock
-from ..grids import make_grid
-from ..methods import method_record
+from ..grids import TimeGrid
 from ..models import build_model, load_checkpoint
 from ..models.diffusers_folder import schedule_from_folder
-from ..sampling import sample
+from ..sampling import resolve_run, sample
 from ..schedule import Schedule
 from ..seeds import derived_seed
 from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
@@ -53,7 +53,7 @@ class SampleOptions:
     compile: bool = False
     dtype: str = "fp32"
     nvtx: bool | None = None
-    grid: str | None = None
+    image_grid: str | None = None  # --image_grid: one PNG of the first images side by side
     progress: bool = True
 
 
@@ -133,7 +133,7 @@ def check_device(device: str) -> torch.device:
 
 
 SETTINGS_KEY = "pndm-fast"  # the PNG tEXt key under which every image records the settings that made it
-GRID_KEY = "pndm-fast-grid"  # the tEXt key of a grid: only a file carrying it is ever replaced by --grid
+IMAGE_GRID_KEY = "pndm-fast-grid"  # the tEXt key of an image grid: only a file carrying it is ever replaced
 IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 # Settings that decide an image's pixels. batch_size and total_num are among them on the CPU, where the UNet
 # rounds differently by batch composition (one grey level at most); the checkpoint is identified by a hash of its
@@ -184,9 +184,24 @@ def checkpoint_sha256(path: str) -> tuple[str, list]:
 
 
 def grid_label(opts: SampleOptions) -> str:
-    """The grid as recorded in each image: its name (with its end when given) or its list of times."""
-    name = opts.timesteps if isinstance(opts.timesteps, str) else ",".join(f"{t:g}" for t in opts.timesteps)
-    return name + (f":{opts.end}" if opts.end else "")
+    """The time grid as recorded in each image: its name (with its end when given) or its list of call times."""
+    if isinstance(opts.timesteps, str):
+        return opts.timesteps + (f":{opts.end}" if opts.end else "")
+    times = opts.timesteps.seq if isinstance(opts.timesteps, TimeGrid) else opts.timesteps
+    return ",".join(f"{t:g}" for t in times)
+
+
+def fit_to_budget(config: dict, args) -> tuple[str, TimeGrid]:
+    """(method, grid) for --model_calls (with --method auto, the method too), on the schedule the run samples on;
+    said on stderr."""
+    if args.model_calls is None:
+        raise UserError("--method auto fits its method and grid to a budget: give --model_calls N")
+    if args.sample_step is not None:
+        raise UserError("give --sample_step (steps) or --model_calls (a budget of model calls), not both")
+    schedule = source_schedule(config, args.model_path)
+    record, grid, _ = resolve_run(schedule, args.method, None, args.timesteps, args.timesteps_end, args.model_calls)
+    print(f"pndm-fast: {args.model_calls} model calls: {record.name} on the {grid}", file=sys.stderr)
+    return record.name, grid
 
 
 def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_hash: str, total: int,
@@ -287,21 +302,21 @@ def scan_batches(folder: str, batches: list[int], batch: int, total: int, shape:
     return todo, stats
 
 
-def check_grid(grid: str, folder: str, checkpoint: str) -> None:
-    """Refuse a --grid that would replace anything but an earlier grid: the checkpoint, an image of the run (or a
-    name one will take), or any file not carrying GRID_KEY."""
+def check_image_grid(grid: str, folder: str, checkpoint: str) -> None:
+    """Refuse an --image_grid that would replace anything but an earlier grid: the checkpoint, an image of the run (or a
+    name one will take), or any file not carrying IMAGE_GRID_KEY."""
     real = os.path.realpath(grid)
     if os.path.exists(checkpoint) and os.path.exists(real) and os.path.samefile(real, checkpoint):
-        raise UserError(f"--grid {grid} is the checkpoint --model_path names; choose another grid name")
+        raise UserError(f"--image_grid {grid} is the checkpoint --model_path names; choose another grid name")
     if os.path.dirname(real) == os.path.realpath(folder) and IMAGE_NAME.match(os.path.basename(real)):
-        raise UserError(f"--grid {grid} is named like an image of the run in {folder}; choose another grid name")
+        raise UserError(f"--image_grid {grid} is named like an image of the run in {folder}; choose another grid name")
     if os.path.lexists(grid):
         ours = False
         if os.path.isfile(grid) and not os.path.islink(grid):
             with open(grid, "rb") as f:
-                ours = GRID_KEY in png_text(f.read(1 << 16))
+                ours = IMAGE_GRID_KEY in png_text(f.read(1 << 16))
         if not ours:
-            raise UserError(f"--grid {grid} exists and is not a grid pndm-fast wrote, so it is not overwritten: "
+            raise UserError(f"--image_grid {grid} exists and is not a grid pndm-fast wrote, so it is not overwritten: "
                             "remove it or choose another grid name")
 
 
@@ -320,7 +335,7 @@ def gather(value) -> list:
     return out
 
 
-def read_grid_tiles(folder: str, total: int, shape: tuple[int, int, int]) -> np.ndarray:
+def read_image_grid_tiles(folder: str, total: int, shape: tuple[int, int, int]) -> np.ndarray:
     """The first images (up to 256), read back from the files: whichever rank or earlier run wrote them."""
     tiles = []
     for index in range(min(total, 256)):
@@ -352,13 +367,12 @@ def run_sample(config: dict, opts: SampleOptions) -> int:
     if total < 1 or batch < 1:
         raise UserError(f"--total_num and --batch_size must be at least 1, got {total} and {batch}")
     schedule = source_schedule(config, opts.model_path)
-    method_record(opts.method)  # refuse an unknown method or an impossible grid before loading anything
-    make_grid(schedule, opts.timesteps, opts.sample_step, opts.end)
+    resolve_run(schedule, opts.method, opts.sample_step, opts.timesteps, opts.end)  # refused before any loading
     checkpoint = (folder_weights(opts.model_path) if is_folder_model(opts.model_path)
                   else resolve_model_path(opts.model_path, config))
     folder = opts.image_path
-    if opts.grid:
-        check_grid(opts.grid, folder, checkpoint)
+    if opts.image_grid:
+        check_image_grid(opts.image_grid, folder, checkpoint)
     joined_here = not distributed.is_initialized()
     world = distributed.init(device.type)
     device = torch.device(distributed.device_for(opts.device, world))
@@ -444,10 +458,10 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
     made = sum(gather(made))
     seconds = time.perf_counter() - start
     if world.is_main:
-        if opts.grid:
-            check_grid(opts.grid, folder, checkpoint)  # again: a file may have appeared under its name meanwhile
-            write_png_atomic(image_grid(read_grid_tiles(folder, total, shape)), opts.grid,
-                             text={GRID_KEY: json.dumps({"image_path": os.path.abspath(folder), "total_num": total})})
+        if opts.image_grid:
+            check_image_grid(opts.image_grid, folder, checkpoint)  # again: a file may have appeared under its name meanwhile
+            write_png_atomic(image_grid(read_image_grid_tiles(folder, total, shape)), opts.image_grid,
+                             text={IMAGE_GRID_KEY: json.dumps({"image_path": os.path.abspath(folder), "total_num": total})})
         # The rate of the work done: every image sampled (a resumed batch is sampled whole, even when only some of
         # its images were missing), not only those written.
         print(f"wrote {written} images to {folder} in {seconds:.2f} s ({made / seconds:.2f} images/s sampled)")

@@ -2,20 +2,20 @@
 the feature space of the digits Frechet-distance benchmark (benchmarks/accuracy_digits.py), standing in for
 Inception, which knows nothing of 16x16 grey digits.
 
-The shipped weights, pndm_fast/weights/digits_classifier.safetensors, are written by
+The shipped weights, benchmarks/weights/digits_classifier.safetensors, are written by
 `python benchmarks/train_digits_classifier.py`, trained on the digits outside `held_out_indices()`.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from pndm_fast.errors import UserError
 
 WEIGHTS = "digits_classifier.safetensors"
 IMAGE_SIZE = 16
@@ -57,14 +57,14 @@ def held_out_indices(count: int = 1797) -> np.ndarray:
 
 
 def weights_path() -> str:
-    return str(resources.files("pndm_fast") / "weights" / WEIGHTS)
+    return str(Path(__file__).resolve().parent / "weights" / WEIGHTS)
 
 
 def load_classifier(path: str | None = None) -> DigitsClassifier:
     """The classifier with the shipped weights (or those at `path`), in eval mode, on the CPU."""
     import os
 
-    from .models.checkpoint import load_checkpoint
+    from pndm_fast.models.checkpoint import load_checkpoint
 
     path = path or weights_path()
     if not os.path.isfile(path):
@@ -78,7 +78,7 @@ def digits_with_labels() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as the diffusion model saw them, (1797, 1, 16, 16) in [0, 1], and labels (1797,)."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    from .data import load_digits
+    from pndm_fast.data import load_digits
 
     return load_digits(IMAGE_SIZE, 1).images, torch.from_numpy(sklearn_digits().target)
 

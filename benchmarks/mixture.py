@@ -30,8 +30,8 @@ import math
 import numpy as np
 import torch
 
-from .errors import UserError
-from .schedule import Schedule
+from pndm_fast.errors import UserError
+from pndm_fast.schedule import Schedule
 
 TRUE = "true"
 SAMPLER = "sampler"

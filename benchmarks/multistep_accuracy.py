@@ -3,7 +3,7 @@
 Gaussian data x0 ~ N(0.5, 0.3^2): the probability-flow ODE's exact map is affine (tests/test_multistep.py), so the
 global error of each sampler is exact. Grids uniform in lambda from ac = 4e-5 (the noisiest level of the linear
 1000-step schedule) to sigma = 0.3 and to ac = 0.9999 (near the data); the error is the max over 13 starting
-points in [-3, 3]. Prints one markdown table per target. Usage: python scripts/multistep_accuracy.py
+points in [-3, 3]. Prints one markdown table per target. Usage: python benchmarks/multistep_accuracy.py
 """
 
 import math
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pndm_fast import multistep as ms
-from pndm_fast.multistep_run import run_steps
+from multistep_run import run_steps
 
 MU, STD = 0.5, 0.3
 STEPS = (8, 10, 12, 15, 20)

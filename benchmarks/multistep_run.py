@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .multistep import EPS, Step
+from pndm_fast.multistep import EPS, Step
 
 
 def run_steps(steps: list[Step], x: torch.Tensor, grid, eps_fn, prediction: str):

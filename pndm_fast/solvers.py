@@ -1,0 +1,128 @@
+"""The plan builders of the paper's methods (DDIM, S-PNDM, F-PNDM, FON) and iPNDM: each a pure function
+TimeGrid -> Plan written as the method's mathematics reads, over the grid's levels (`grid.level(t)`), so every
+method runs on every grid. The multistep solvers' builders are in `pndm_fast.multistep`; the registry that names
+them all is `pndm_fast.methods`.
+"""
+
+from __future__ import annotations
+
+from .grids import TimeGrid
+from .plans import EPS, STATE, Expr, Lin, ModelCall, OnePlus, Plan, Ring, var
+from .schedule import transfer_coefficients
+
+# Adams-Bashforth coefficients of the 2nd-, 3rd- and 4th-order multistep updates (the paper's eq. 12 and S-PNDM).
+AB2 = (3 / 2, -1 / 2)
+AB3 = (23 / 12, -16 / 12, 5 / 12)
+AB4 = (55 / 24, -59 / 24, 37 / 24, -9 / 24)
+RK4 = (1 / 6, 2 / 6, 2 / 6, 1 / 6)
+
+
+def transfer(grid: TimeGrid, t: float, t_next: float, x: Expr, e: Expr) -> Expr:
+    """The paper's transfer step (eq. 9) T(x, t, t_next, e) = A x + B e between the grid's levels at t and t_next."""
+    a_minus_1, b = transfer_coefficients(grid.level(t), grid.level(t_next))
+    return OnePlus(a_minus_1) * x + b * e
+
+
+def weighted(coefficients, names) -> Expr:
+    """sum_j c_j names_j."""
+    total = Expr()
+    for c, name in zip(coefficients, names):
+        total = total + c * var(name)
+    return total
+
+
+X = var("x")
+
+
+def ddim_plan(grid: TimeGrid) -> Plan:
+    steps = tuple((ModelCall("x", t, "e"), Lin("x", transfer(grid, t, t_next, X, var("e"))))
+                  for t, t_next in grid.pairs)
+    return _plan(grid, steps, (("x", STATE), ("e", EPS)))
+
+
+def s_pndm_plan(grid: TimeGrid) -> Plan:
+    ring, steps = Ring("h", 2), []
+    for t, t_next in grid.pairs:
+        if len(ring) == 0:  # improved Euler start: e = (e1 + e2) / 2
+            e1 = ring.push()
+            steps.append((ModelCall("x", t, e1),
+                          Lin("tmp", transfer(grid, t, t_next, X, var(e1))),
+                          ModelCall("tmp", t_next, "e"),
+                          Lin("x", transfer(grid, t, t_next, X, weighted((0.5, 0.5), (e1, "e"))))))
+        else:
+            new = ring.push()
+            steps.append((ModelCall("x", t, new),
+                          Lin("x", transfer(grid, t, t_next, X, weighted(AB2, (ring[-1], ring[-2]))))))
+    return _plan(grid, steps, (("x", STATE), ("tmp", STATE), ("e", EPS), ("h0", EPS), ("h1", EPS)))
+
+
+def f_pndm_plan(grid: TimeGrid) -> Plan:
+    ring, steps = Ring("h", 4), []
+    for t, t_next in grid.pairs:
+        if len(ring) < 3:  # pseudo Runge-Kutta start
+            t_mid = (t + t_next) / 2
+            e1 = ring.push()
+            steps.append((ModelCall("x", t, e1),
+                          Lin("tmp", transfer(grid, t, t_mid, X, var(e1))),
+                          ModelCall("tmp", t_mid, "e2"),
+                          Lin("tmp", transfer(grid, t, t_mid, X, var("e2"))),
+                          ModelCall("tmp", t_mid, "e3"),
+                          Lin("tmp", transfer(grid, t, t_next, X, var("e3"))),
+                          ModelCall("tmp", t_next, "e4"),
+                          Lin("x", transfer(grid, t, t_next, X, weighted(RK4, (e1, "e2", "e3", "e4"))))))
+        else:
+            new = ring.push()
+            history = (ring[-1], ring[-2], ring[-3], ring[-4])
+            steps.append((ModelCall("x", t, new), Lin("x", transfer(grid, t, t_next, X, weighted(AB4, history)))))
+    buffers = (("x", STATE), ("tmp", STATE), ("e2", EPS), ("e3", EPS), ("e4", EPS)) + tuple(
+        (name, EPS) for name in ring.names)
+    return _plan(grid, steps, buffers)
+
+
+def fon_plan(grid: TimeGrid) -> Plan:
+    """FON: the classical fourth-order method on the ODE in x, with the derivative D(e) = T(x, t, t - 1, e) - x
+    always at the step's starting x and t, as the paper's code evaluates it. History holds D values."""
+    ring, steps = Ring("d", 4), []
+    for t, t_next in grid.pairs:
+        a1, b = transfer_coefficients(grid.level(t), grid.level(t - 1))
+
+        def derivative(e: str) -> Expr:
+            return a1 * X + b * var(e)
+
+        h = float(t - t_next)
+        d_new = ring.push()
+        if len(ring) <= 3:  # classical RK4 start: x + h/6 (d1 + 2 d2 + 2 d3 + d4)
+            t_mid = (t + t_next) / 2
+            steps.append((ModelCall("x", t, "e"),
+                          Lin(d_new, derivative("e")),
+                          Lin("tmp", X + (h / 2) * var(d_new)),
+                          ModelCall("tmp", t_mid, "e2"),
+                          Lin("tmp", X + (h / 2) * derivative("e2")),
+                          ModelCall("tmp", t_mid, "e3"),
+                          Lin("tmp", X + h * derivative("e3")),
+                          ModelCall("tmp", t_next, "e4"),
+                          Lin("x", X + (h / 6) * (var(d_new) + 2.0 * derivative("e2") + 2.0 * derivative("e3")
+                                                  + derivative("e4")))))
+        else:  # x + h (55 d_new - 59 d[-2] + 37 d[-3] - 9 d[-4]) / 24
+            steps.append((ModelCall("x", t, "e"),
+                          Lin(d_new, derivative("e")),
+                          Lin("x", X + h * weighted(AB4, (d_new, ring[-2], ring[-3], ring[-4])))))
+    buffers = (("x", STATE), ("tmp", STATE), ("e", EPS), ("e2", EPS), ("e3", EPS), ("e4", EPS)) + tuple(
+        (name, STATE) for name in ring.names)
+    return _plan(grid, steps, buffers)
+
+
+def ipndm_plan(grid: TimeGrid) -> Plan:
+    """iPNDM (Zhang and Chen, DEIS, ICLR 2023): the transfer step with an Adams-Bashforth eps whose order ramps
+    1 -> 2 -> 3 -> 4 as the history fills, instead of F-PNDM's Runge-Kutta start: one model call per step."""
+    ring, steps = Ring("h", 4), []
+    for t, t_next in grid.pairs:
+        new = ring.push()
+        coefficients = ((1.0,), AB2, AB3, AB4)[len(ring) - 1]
+        history = [ring[-back] for back in range(1, len(ring) + 1)]
+        steps.append((ModelCall("x", t, new), Lin("x", transfer(grid, t, t_next, X, weighted(coefficients, history)))))
+    return _plan(grid, steps, (("x", STATE),) + tuple((name, EPS) for name in ring.names))
+
+
+def _plan(grid: TimeGrid, steps, buffers) -> Plan:
+    return Plan("", tuple(steps), buffers, grid.times, grid.name)
