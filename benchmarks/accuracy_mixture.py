@@ -89,7 +89,7 @@ def run_fine_ddim(model, noise4d, schedule, steps: int):
         traj = sample(model, noise4d, schedule, "DDIM", steps, backend="fused", return_trajectory=True)
     else:  # skip 1 from t = 998: the last time step whose transfer stays inside the paper's table
         grid = TimeGrid(schedule, tuple(float(t) for t in range(schedule.num_steps - 2, -2, -1)), PAPER, "uniform")
-        plan = METHODS["DDIM"].build(grid)
+        plan = METHODS["DDIM"].plan(grid)
         traj = sample(model, noise4d, schedule, "DDIM", backend="fused", return_trajectory=True, timesteps=grid)
     return states(traj, plan.seq), plan.model_calls, plan.seq[-1]
 

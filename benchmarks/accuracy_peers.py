@@ -684,7 +684,7 @@ def render(data: dict) -> str:
         out.append(f"![error against model calls]({data['plot']})")
     if "auto" in data:
         lines = ["### What `--method auto` picks", "",
-                 "`sample_step` is the budget of model calls; `pndm_fast/auto.py` holds the table this study "
+                 "`model_calls` is the budget; `pndm_fast/auto.py` holds the table this study "
                  f"writes: per budget, the configuration whose worst ratio to the best one of each of {TUNED_TEXT} is "
                  "smallest (the choice that loses least where it suits worse):", "",
                  "| budget | method | grid |", "|---|---|---|"]

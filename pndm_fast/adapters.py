@@ -20,11 +20,10 @@ from typing import Any, Callable
 import torch
 
 from .errors import UserError
-from .levels import eps_weights
+from .levels import PREDICTIONS, eps_weights
 from .plans import Expr, var
 
-PREDICTIONS = ("eps", "x0", "v")
-_DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
 class Denoiser:
@@ -56,7 +55,7 @@ class Denoiser:
         """Adapt a diffusers UNet2DModel or UNet2DConditionModel: its forward(sample, timestep, ...) returns an
         output object, read here as its `.sample`. `prediction` takes diffusers' names (epsilon, sample,
         v_prediction) or ours; kwargs go to Denoiser (cond={"encoder_hidden_states": ...}, guidance, ...)."""
-        prediction = _DIFFUSERS_PREDICTIONS.get(prediction, prediction)
+        prediction = DIFFUSERS_PREDICTIONS.get(prediction, prediction)
         return cls(DiffusersNet(unet), prediction, **kwargs)
 
     @property

@@ -23,7 +23,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     # torch comes in with these (about 2 s): inside main's handlers, so a Ctrl-C meanwhile is one line too
-    from .grids import ENDS, GRID_NAMES
+    from .grids import ENDS, grid_names
     from .methods import METHODS
     from .sampling import BACKENDS
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_calls", type=int, help="instead of --sample_step: a budget of model calls, never "
                    "exceeded; the method's steps (with --method auto, the method and grid too) are fitted to it")
     p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
-                   help=f"time grid: {', '.join(GRID_NAMES)} (default uniform, the paper's), or increasing times "
+                   help=f"time grid: {', '.join(grid_names())} (default uniform, the paper's), or increasing times "
                         "separated by commas, e.g. 0,50,200,500,999 (the model is called at each)")
     p.add_argument("--timesteps_end", choices=ENDS, help="where a non-uniform grid ends: zero (sigma = 0, the "
                    "default) or min (its smallest time's level, as the paper's grid ends on ac[0])")
@@ -89,14 +89,14 @@ def parse_method(text: str) -> str:
 
 def parse_timesteps(text: str):
     """A grid name, or comma-separated numbers (an explicit list of times)."""
-    from .grids import GRID_NAMES
+    from .grids import grid_names
 
-    if text in GRID_NAMES or "," not in text and not text.replace(".", "", 1).isdigit():
+    if text in grid_names() or "," not in text and not text.replace(".", "", 1).isdigit():
         return text
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid ({', '.join(GRID_NAMES)}) nor a list of "
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid ({', '.join(grid_names())}) nor a list of "
                                          "numbers separated by commas") from None
 
 

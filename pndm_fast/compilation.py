@@ -9,11 +9,8 @@ On CUDA, inductor's own CUDA graphs stay off: the graph backend captures the who
 two would capture twice.
 
 On the CPU, inductor's freezing is on: under no_grad (sampling) the weights become constants of the compiled
-graph, folded and prepacked once for oneDNN's convolutions. For the digits UNet at batch 64 on a shared 2-core
-machine (`python benchmarks/bench_compile.py --quick`, benchmarks/RESULTS.md) it was 1.24x eager float32, worst
-pair 1.17x, against 1.77x (worst 0.77x) for the blocks compiled without it, and 1.50x (worst 1.19x) with
-channels_last as well: medians whose ranges overlap under that machine's load, so the choice rests on the
-worst pair staying above 1 (also in a quieter single-thread run: 1.43x, worst 1.21x, against 1.27x, worst 0.75x).
+graph, folded and prepacked once for oneDNN's convolutions; its worst measured pair stayed faster than eager,
+which compiling without it did not (`python benchmarks/bench_compile.py --quick`, benchmarks/RESULTS.md).
 Freezing assumes the weights do not change after the first compiled call: compile after loading a checkpoint.
 """
 

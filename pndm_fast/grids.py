@@ -127,7 +127,11 @@ def karras_times(schedule, steps, end, t_max, t_min, rho: float = 7.0):
 
 
 GRIDS: dict[str, Callable] = {"quadratic": quadratic_times, "logsnr": logsnr_times, "karras": karras_times}
-GRID_NAMES = ("uniform",) + tuple(GRIDS)
+
+
+def grid_names() -> tuple[str, ...]:
+    """Every named grid: the paper's uniform grid, then GRIDS (a grid added there is named at once)."""
+    return ("uniform",) + tuple(GRIDS)
 
 Timesteps = Union[str, Sequence[float]]
 
@@ -139,9 +143,9 @@ def make_grid(schedule: Schedule, timesteps: Timesteps = "uniform", steps: int |
     n = schedule.num_steps
     if not isinstance(timesteps, str):
         return explicit_grid(schedule, timesteps, end or "zero")
-    if timesteps not in GRID_NAMES:
-        raise UserError(f"unknown time grid {timesteps!r}: expected one of {', '.join(GRID_NAMES)}, or an increasing "
-                        "list of times")
+    if timesteps not in grid_names():
+        raise UserError(f"unknown time grid {timesteps!r}: expected one of {', '.join(grid_names())}, or an "
+                        "increasing list of times")
     if steps is None:
         steps = 50
     limit = n if timesteps == "uniform" else MAX_STEPS

@@ -2,8 +2,8 @@
 sigma = sqrt(1 - ac), lambda = log(alpha / sigma) (the log-SNR over two) and rho = sigma / alpha.
 
 `Level` holds them in float64 for the plan builders; `tensor_levels` gives (alpha, sigma, lambda) of a 0-d tensor
-for the references; `eps_weights` reads an x0 or v prediction as eps. At ac = 1 (the data) sigma = 0,
-lambda = +inf and rho = 0.
+for the references; `PREDICTIONS` reads what a network predicts (eps, x0, v) as eps. At ac = 1 (the data)
+sigma = 0, lambda = +inf and rho = 0.
 """
 
 from __future__ import annotations
@@ -45,15 +45,21 @@ def tensor_levels(ac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
+def _from_x0(level: Level) -> tuple[float, float]:
+    if level.sigma == 0.0:
+        raise UserError("an x0-predicting model cannot give eps at sigma = 0 (t = -1); use a grid whose model "
+                        "calls stay at t >= 0")
+    return 1.0 / level.sigma, -level.alpha / level.sigma  # x = alpha x0 + sigma eps
+
+
+PREDICTIONS = {
+    "eps": lambda level: (0.0, 1.0),
+    "x0": _from_x0,
+    "v": lambda level: (level.sigma, level.alpha),  # v = alpha eps - sigma x0
+}
+"""What a network may predict: each a function of the level to (c_x, c_out) with eps = c_x x + c_out out."""
+
+
 def eps_weights(prediction: str, ac: float) -> tuple[float, float]:
-    """(c_x, c_out) with eps = c_x x + c_out out for a model predicting `prediction` ("eps", "x0" or "v") at level
-    ac: x = alpha x0 + sigma eps and v = alpha eps - sigma x0."""
-    if prediction == "eps":
-        return 0.0, 1.0
-    level = Level.of(ac)
-    if prediction == "x0":
-        if level.sigma == 0.0:
-            raise UserError("an x0-predicting model cannot give eps at sigma = 0 (t = -1); use a grid whose model "
-                            "calls stay at t >= 0")
-        return 1.0 / level.sigma, -level.alpha / level.sigma
-    return level.sigma, level.alpha
+    """(c_x, c_out) with eps = c_x x + c_out out for a model predicting `prediction` at level ac."""
+    return PREDICTIONS[prediction](Level.of(ac))

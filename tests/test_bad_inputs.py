@@ -146,15 +146,15 @@ CASES = {
                                "records no pndm-fast sampling settings"),
     "image folder in use": (held(lambda t: sample_args(t)), "is in use by process"),
     "grid is the checkpoint": (plain(lambda t: sample_args(
-        t, "--model_path", str(shutil.copy(WEIGHTS, t / "w.safetensors")), "--grid", str(t / "w.safetensors"))),
+        t, "--model_path", str(shutil.copy(WEIGHTS, t / "w.safetensors")), "--image_grid", str(t / "w.safetensors"))),
                                "is the checkpoint --model_path names"),
-    "grid is an image of the run": (plain(lambda t: sample_args(t, "--grid", str(t / "out" / "000001.png"))),
+    "grid is an image of the run": (plain(lambda t: sample_args(t, "--image_grid", str(t / "out" / "000001.png"))),
                                     "named like an image of the run"),
     "grid is some other file": (plain(lambda t: (t / "notes.txt").write_text("mine") and
-                                      sample_args(t, "--grid", str(t / "notes.txt"))), "is not a grid pndm-fast wrote"),
+                                      sample_args(t, "--image_grid", str(t / "notes.txt"))), "is not a grid pndm-fast wrote"),
     "out of memory": (oom, "out of memory sampling a batch of 4 images"),
     "full disk (images)": (no_space("000", lambda t: sample_args(t)), "no space left on the device writing"),
-    "full disk (grid)": (no_space("grid.png", lambda t: sample_args(t, "--grid", str(t / "grid.png"))),
+    "full disk (grid)": (no_space("grid.png", lambda t: sample_args(t, "--image_grid", str(t / "grid.png"))),
                          "no space left on the device writing"),
     # sampling: flags and checkpoints (already handled before, kept in the table)
     "unknown config": (plain(lambda t: sample_args(t, "--config", "nope")), "unknown config"),

@@ -162,7 +162,7 @@ def test_check_runner_passes_every_backend_here(small, capsys):
                  "--sample_step", "5", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "PASS  torch (torch)" in out and "FAIL" not in out
+    assert "PASS  torch:" in out and "FAIL" not in out
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 5  # one row per step
 
 
@@ -178,7 +178,7 @@ def test_check_runner_fails_a_backend_that_drifts(small, capsys, monkeypatch):
     monkeypatch.setattr(engine, "bind", drifting)
     code = main(["--runner", "check", "--config", small["config"], "--model_path", small["ckpt"],
                  "--sample_step", "5", "--device", "cpu"])
-    assert code == 1 and "FAIL  torch (torch)" in capsys.readouterr().out
+    assert code == 1 and "FAIL  torch:" in capsys.readouterr().out
 
 
 def test_train_then_sample_from_its_ema_checkpoint(tmp_path, capsys):

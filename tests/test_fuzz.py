@@ -256,7 +256,7 @@ def flag_values(folder):
         "--seed": st.integers(-10**30, 10**30),
         "--device": st.one_of(st.sampled_from(["cpu", "cuda", "cuda:7", "cuda:-1", "meta", "xpu", "mps", "cpu:0", "",
                                                "CPU", "gpu", "cpu:x", "cuda:0:1"]), weird_text),
-        "--method": st.one_of(st.sampled_from(list(METHODS)), weird_text),
+        "--method": st.one_of(st.sampled_from(list(METHODS) + ["auto"]), weird_text),
         "--backend": st.one_of(st.sampled_from(list(BACKENDS)), weird_text),
         "--dtype": st.one_of(st.sampled_from(["fp32", "bf16", "fp16", "fp64", "int8"]), weird_text),
         "--model_path": st.sampled_from([str(folder / p) for p in ("nope.ckpt", "tiny.yml", "a_file", "", "tiny.ckpt")]
@@ -264,7 +264,8 @@ def flag_values(folder):
         "--config": st.sampled_from([str(folder / "nope.yml"), str(folder / "tiny.ckpt"), str(folder), "no-such",
                                      "digits", str(folder / "tiny.yml")]),
         "--image_path": st.sampled_from([str(folder / "a_file"), str(folder / "a_file" / "below")]),
-        "--grid": st.sampled_from([str(folder), str(folder / "a_file" / "grid.png"), str(folder / "g" / "grid.png")]),
+        "--model_calls": st.one_of(st.integers(-5, 0), st.sampled_from(["1", "3", "8", "x"])),
+        "--image_grid": st.sampled_from([str(folder), str(folder / "a_file" / "grid.png"), str(folder / "g" / "grid.png")]),
     }
     return st.lists(st.sampled_from(sorted(values)), max_size=2, unique=True).flatmap(
         lambda flags: st.fixed_dictionaries({flag: values[flag] for flag in flags}))

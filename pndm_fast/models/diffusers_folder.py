@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -18,7 +20,6 @@ import torch
 from ..errors import UserError, first_line
 from ..schedule import make_betas
 from .checkpoint import read_state_dict, torch_load
-from .diffusers_layout import modern_attention_names
 
 CONFIG = "config.json"
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -31,6 +32,7 @@ UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 INSTALL = "pip install diffusers"
+LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
 def _model_folder(path: str | os.PathLike) -> str | None:
@@ -165,3 +167,13 @@ def schedule_from_folder(path: str | os.PathLike) -> tuple[np.ndarray, str] | No
         raise UserError(f"scheduler config {where} has num_train_timesteps {steps!r}, beta_start {start!r}, "
                         f"beta_end {end!r}: expected an integer >= 2 and 0 < beta_start <= beta_end < 1")
     return make_betas(BETA_SCHEDULES[kind], steps, float(start), float(end)), prediction
+
+
+def modern_attention_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with older diffusers files' attention names (query, key, value, proj_attn, as in the google/ddpm-*
+    checkpoints) renamed to today's (to_q, to_k, to_v, to_out.0); other keys and all values unchanged."""
+    renamed = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(\w+)", key)
+        renamed[f"{m[1]}.{LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else key] = value
+    return renamed

@@ -39,6 +39,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..errors import UserError
+from .diffusers_folder import CONFIG, WEIGHTS, modern_attention_names, read_diffusers_folder
 from .checkpoint import (
     check_state_dict,
     read_state_dict,
@@ -66,7 +67,6 @@ FIXED = {
 }
 RESNET = {"temb_proj": "time_emb_proj", "nin_shortcut": "conv_shortcut"}
 ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 TOP_LEVEL = {"norm_out": "conv_norm_out", "class_emb": "class_embedding"}
 PROJECTIONS = ("q", "k", "v", "proj_out")  # 1x1 convs in the paper, Linear in diffusers
 
@@ -255,16 +255,6 @@ def to_paper(state: Mapping[str, torch.Tensor], config: Mapping,
     return out, model
 
 
-def modern_attention_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with older diffusers files' attention names (query, key, value, proj_attn, as in the google/ddpm-*
-    checkpoints) renamed to today's (to_q, to_k, to_v, to_out.0); other keys and all values unchanged."""
-    renamed = {}
-    for key, value in state.items():
-        m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(\w+)", key)
-        renamed[f"{m[1]}.{LEGACY_ATTENTION[m[2]]}.{m[3]}" if m else key] = value
-    return renamed
-
-
 def _check(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str) -> None:
     check_state_dict(state, expected, where)
 
@@ -279,8 +269,6 @@ def write_diffusers_folder(state: Mapping[str, torch.Tensor], config: Mapping, o
     """A diffusers model folder as save_pretrained writes it: diffusion_pytorch_model.safetensors, then
     config.json (last, so that a folder with a config.json is complete). out_path must not exist; it is created
     here (os.mkdir fails if another process made it meanwhile) and removed again if a write fails."""
-    from .diffusers_folder import CONFIG, WEIGHTS  # late: diffusers_folder imports this module
-
     try:
         os.mkdir(out_path)
     except FileExistsError:
@@ -303,8 +291,6 @@ def convert_layout(model_path: str, out_path: str, model_config: dict | None) ->
     (out_path .safetensors/.ckpt/.pt/.pth), or a paper-layout checkpoint with its config (model_config, needed:
     the keys alone do not tell attn_resolutions) to a diffusers model folder (out_path). Returns the summary
     convert() returns, plus "model" (the Model section of the paper-layout side)."""
-    from .diffusers_folder import read_diffusers_folder  # late: diffusers_folder imports this module
-
     if os.path.lexists(out_path) and not (os.path.isdir(model_path) and os.path.isdir(out_path)
                                           and os.path.samefile(model_path, out_path)):
         raise UserError(f"--out_path {out_path} exists and is not overwritten: remove it or choose another name")

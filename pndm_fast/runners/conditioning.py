@@ -8,14 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Denoiser
+from ..adapters import DIFFUSERS_PREDICTIONS, Denoiser
 from ..errors import UserError
 from ..models.diffusers_folder import (WEIGHTS, is_diffusers_folder, load_diffusers_unet, read_diffusers_config,
                                        schedule_from_folder)
 from ..schedule import Schedule
-
-_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-
 
 @dataclass
 class Source:
@@ -40,7 +37,7 @@ def open_diffusers_folder(path: str, config: dict, device, dtype: torch.dtype) -
         schedule, prediction = Schedule.from_config(config["Schedule"]), "eps"
     else:
         betas, kind = found
-        schedule, prediction = Schedule(betas, description=f"{path}'s scheduler config"), _PREDICTIONS[kind]
+        schedule, prediction = Schedule(betas, description=f"{path}'s scheduler config"), DIFFUSERS_PREDICTIONS[kind]
     size = unet_config.get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     if not isinstance(size, int) or size < 1:
