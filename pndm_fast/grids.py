@@ -26,6 +26,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .errors import UserError
+from .levels import Level
 from .schedule import Schedule
 
 PAPER = "paper"
@@ -99,14 +100,13 @@ def quadratic_times(schedule, steps, end, t_max, t_min):
 
 
 def logsnr_times(schedule, steps, end, t_max, t_min):
-    """Uniform in lambda = log(alpha / (1 - alpha)) between the levels at t_max and t_min."""
+    """Uniform in the log-SNR between the levels at t_max and t_min."""
     def lam(t):
-        a = schedule.alpha(t)
-        return math.log(a / (1 - a))
+        return Level.of(schedule.alpha(t)).lam
 
     def spacing(u):
         lams = lam(t_max) + (lam(t_min) - lam(t_max)) * u
-        return np.array([schedule.time_of(1 / (1 + math.exp(-v))) for v in lams])
+        return np.array([schedule.time_of(Level.from_lambda(v).ac) for v in lams])
 
     return _spaced(schedule, steps, end, t_max, t_min, spacing)
 
@@ -115,13 +115,12 @@ def karras_times(schedule, steps, end, t_max, t_min, rho: float = 7.0):
     """EDM's spacing (Karras et al. 2022, eq. 5): sigma^(1/rho) uniform between sigma(t_max) and sigma(t_min),
     with sigma = sqrt((1 - alpha) / alpha) the noise scale of x / sqrt(alpha)."""
     def sigma(t):
-        a = schedule.alpha(t)
-        return math.sqrt((1 - a) / a)
+        return Level.of(schedule.alpha(t)).rho
 
     def spacing(u):
         hi, lo = sigma(t_max) ** (1 / rho), sigma(t_min) ** (1 / rho)
         sigmas = (hi + (lo - hi) * u) ** rho
-        return np.array([schedule.time_of(1 / (1 + s * s)) for s in sigmas])
+        return np.array([schedule.time_of(Level.from_sigma(s).ac) for s in sigmas])
 
     return _spaced(schedule, steps, end, t_max, t_min, spacing)
 

@@ -35,8 +35,13 @@ class Level:
 
     @classmethod
     def from_sigma(cls, rho: float) -> "Level":
-        """The level whose noise scale of x / alpha, sigma / alpha (EDM's and diffusers' "sigma"), is `rho`."""
+        """The level whose noise scale of x / alpha, rho = sigma / alpha (EDM's and diffusers' "sigma"), is given."""
         return cls.of(1.0 / (1.0 + rho * rho))
+
+    @classmethod
+    def from_lambda(cls, lam: float) -> "Level":
+        """The level whose lambda = log(alpha / sigma) is given."""
+        return cls.of(1.0 / (1.0 + math.exp(-2.0 * lam)))
 
 
 def tensor_levels(ac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .levels import tensor_levels
+from .levels import Level, tensor_levels
 from .reference import transfer
 
 
@@ -164,12 +164,11 @@ def unipc(m, x, times, acs, variant: str = "bh2", order: int = 3, lower_order_fi
 
 def basis_variable(basis: str, ac: float) -> float:
     """The interpolation variable of a level: rho = sigma / alpha, lambda = log(alpha / sigma), log sigma."""
-    ac = float(ac)
     if basis == "rho":
-        return math.sqrt((1 - ac) / ac)
+        return Level.of(ac).rho
     if basis == "lambda":
-        return 0.5 * math.log(ac / (1 - ac))
-    return 0.5 * math.log1p(-ac)
+        return Level.of(ac).lam
+    return 0.5 * math.log1p(-float(ac))  # log sigma, without rounding 1 - ac first
 
 
 def _variable_of_log_rho(basis: str, u: np.ndarray) -> np.ndarray:
@@ -196,7 +195,7 @@ def mean_eps(basis: str, nodes_ac: list[float], eps: list[torch.Tensor], ac: flo
     nodes_ac in `basis`: composite 24-point Gauss-Legendre in u = log rho over 0.25-wide panels (down to
     u - 90 for a step to the data)."""
     nodes = [basis_variable(basis, a) for a in nodes_ac]
-    rho, rho_n = math.sqrt((1 - ac) / ac), math.sqrt((1 - ac_next) / ac_next)
+    rho, rho_n = Level.of(ac).rho, Level.of(ac_next).rho
     u0 = math.log(rho)
     u1 = u0 - 90.0 if rho_n == 0 else math.log(rho_n)
     panels = max(1, math.ceil(abs(u1 - u0) / 0.25))
