@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_calls", type=int, help="instead of --sample_step: a budget of model calls, never "
                    "exceeded; the method's steps (with --method auto, the method and grid too) are fitted to it")
     p.add_argument("--timesteps", default="uniform", type=parse_timesteps, metavar="GRID",
-                   help=f"time grid: {', '.join(grid_names())} (default uniform, the paper's), or increasing times "
-                        "separated by commas, e.g. 0,50,200,500,999 (the model is called at each)")
+                   help=f"time grid: {', '.join(grid_names())} (default uniform, the paper's), or times "
+                        "separated by commas in either order, e.g. 0,50,200,500,999 (the model is called at each)")
+    p.add_argument("--t_max", type=float, help="quadratic, logsnr, karras: the time of the first model call "
+                   "(default N - 1, the noisiest)")
+    p.add_argument("--t_min", type=float, help="quadratic, logsnr, karras: the time of the last model call (default 0)")
+    p.add_argument("--rho", type=float, help="karras: the exponent of its sigma spacing (default 7)")
+    p.add_argument("--steps_offset", type=int, help="leading: diffusers' steps_offset (default 0)")
     p.add_argument("--timesteps_end", choices=ENDS, help="where a non-uniform grid ends: zero (sigma = 0, the "
                    "default) or min (its smallest time's level, as the paper's grid ends on ac[0])")
     p.add_argument("--class", dest="classes", metavar="N|all", help="with a class-conditional model (e.g. "
@@ -259,13 +264,12 @@ def run(args) -> int:
                        batch_size=args.batch_size or 50)
     config = load_config(args.config or "digits")
     check_model_flag(args, config)
-    if args.method == "auto" or args.model_calls is not None:
-        # fitted once here, on the schedule the run samples on, so that runs, settings and checks name what ran
-        from .runners.sample import fit_to_budget
+    # resolved once here, on the schedule the run samples on, so that runs, settings and checks name what ran
+    from .grids import TimeGrid
+    from .runners.sample import resolve_grid_flags
 
-        args.method, args.timesteps = fit_to_budget(config, args)
-        args.timesteps_end = None
-    elif args.sample_step is None:
+    resolve_grid_flags(config, args)
+    if args.sample_step is None and not isinstance(args.timesteps, TimeGrid):
         args.sample_step = 50
     if args.runner == "train":
         from .runners.train import train

@@ -6,19 +6,22 @@ conventions (docs/design.md, "Time and noise level"):
 - "paper": ac[int(t) + 1], the paper's sampler (the `uniform` grid only, so that its runs stay number for number);
 - "model": `Schedule.alpha(t)`, the level the model is asked about at t; t = -1 is sigma = 0, the data.
 
-Grids (each one function of (schedule, steps, end, t_max, t_min) -> times; add a grid by adding a function):
+Grids (each one function of (schedule, steps, end, **its parameters) -> times in GRIDS; add a grid by adding one):
 - uniform: the paper's integer skip, seq = 0, skip, 2 skip, ... < N, ending at t = -1 read as ac[0];
 - quadratic: DDIM's quadratic spacing in t; logsnr: uniform in log(alpha / (1 - alpha)); karras: EDM's rho = 7
   spacing of sigma = sqrt((1 - alpha) / alpha). These place their model calls between t_max (default N - 1, the
   noisiest level of the table) and t_min (default 0), and end either at sigma = 0 (`end="zero"`, t = -1: the last
   call at t_min, then a step to the data) or at t_min itself (`end="min"`: S + 1 points, the paper's habit of
   landing on ac[0]).
-- an explicit increasing list of times in [0, N - 1]: the model is called at each, largest first, and the run
-  ends at sigma = 0 (t = -1), as DDIM's code reads such a list; `end="min"` ends at the smallest listed time.
+- diffusers' spacings of its multistep schedulers, `linspace`, `leading` (with its steps_offset as `offset`) and
+  `trailing`: integer call times, then sigma = 0 (`end="zero"`) or t = 0 (`end="min"`, its "sigma_min");
+- an explicit list of times in [0, N - 1], increasing or decreasing: the model is called at each, largest first,
+  and the run ends at sigma = 0 (t = -1), as DDIM's code reads such a list; `end="min"` ends at the smallest.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
@@ -82,99 +85,135 @@ def uniform_times(schedule: Schedule, steps: int) -> tuple[float, ...]:
     return tuple(float(t) for t in reversed(seq)) + (-1.0,)
 
 
-def _spaced(schedule: Schedule, steps: int, end: str, t_max: float, t_min: float,
-            spacing: Callable[[np.ndarray], np.ndarray]) -> tuple[float, ...]:
-    """Times from t_max down to t_min at fractions `spacing(u)` of the way, u uniform in [0, 1]."""
+def bounds(schedule: Schedule, t_max: float | None, t_min: float | None) -> tuple[float, float]:
+    """(t_max, t_min) of a grid placed between two times: by default the noisiest time N - 1 and 0."""
+    n = schedule.num_steps
+    t_max = float(n - 1 if t_max is None else t_max)
+    t_min = float(0 if t_min is None else t_min)
+    if not 0 <= t_min < t_max <= n - 1:
+        raise UserError(f"grid bounds must satisfy 0 <= t_min < t_max <= {n - 1}, got t_min {t_min:g}, "
+                        f"t_max {t_max:g}")
+    return t_max, t_min
+
+
+def spaced(steps: int, end: str, t_max: float, t_min: float,
+           spacing: Callable[[np.ndarray], np.ndarray]) -> tuple[float, ...]:
+    """Times from t_max down to t_min at `spacing(u)`, u uniform in [0, 1] (spacing(0) = t_max, spacing(1) = t_min):
+    S calls and a step to sigma = 0 with end "zero", S + 1 points ending on t_min with end "min"."""
+    if end == "zero" and steps == 1:
+        return t_max, -1.0
     points = steps if end == "zero" else steps + 1
-    u = np.linspace(0.0, 1.0, points) if points > 1 else np.zeros(1)
-    times = [float(t) for t in spacing(u)]
-    times[0] = t_max  # exactly, whatever the spacing's rounding
-    if points > 1:
-        times[-1] = t_min
+    times = [float(t) for t in spacing(np.linspace(0.0, 1.0, points))]
+    times[0], times[-1] = t_max, t_min  # exactly, whatever the spacing's rounding
     return tuple(times) + ((-1.0,) if end == "zero" else ())
 
 
-def quadratic_times(schedule, steps, end, t_max, t_min):
+def quadratic_times(schedule, steps, end, t_max=None, t_min=None):
     """DDIM's quadratic spacing: t = t_min + (t_max - t_min) v^2, v uniform, fine steps near the data."""
-    return _spaced(schedule, steps, end, t_max, t_min, lambda u: t_min + (t_max - t_min) * (1 - u) ** 2)
+    t_max, t_min = bounds(schedule, t_max, t_min)
+    return spaced(steps, end, t_max, t_min, lambda u: t_min + (t_max - t_min) * (1 - u) ** 2)
 
 
-def logsnr_times(schedule, steps, end, t_max, t_min):
+def logsnr_times(schedule, steps, end, t_max=None, t_min=None):
     """Uniform in the log-SNR between the levels at t_max and t_min."""
-    def lam(t):
-        return Level.of(schedule.alpha(t)).lam
-
-    def spacing(u):
-        lams = lam(t_max) + (lam(t_min) - lam(t_max)) * u
-        return np.array([schedule.time_of(Level.from_lambda(v).ac) for v in lams])
-
-    return _spaced(schedule, steps, end, t_max, t_min, spacing)
+    t_max, t_min = bounds(schedule, t_max, t_min)
+    hi, lo = Level.of(schedule.alpha(t_max)).lam, Level.of(schedule.alpha(t_min)).lam
+    return spaced(steps, end, t_max, t_min,
+                  lambda u: [schedule.time_of(Level.from_lambda(hi + (lo - hi) * v).ac) for v in u])
 
 
-def karras_times(schedule, steps, end, t_max, t_min, rho: float = 7.0):
+def karras_times(schedule, steps, end, t_max=None, t_min=None, rho: float = 7.0):
     """EDM's spacing (Karras et al. 2022, eq. 5): sigma^(1/rho) uniform between sigma(t_max) and sigma(t_min),
     with sigma = sqrt((1 - alpha) / alpha) the noise scale of x / sqrt(alpha)."""
-    def sigma(t):
-        return Level.of(schedule.alpha(t)).rho
-
-    def spacing(u):
-        hi, lo = sigma(t_max) ** (1 / rho), sigma(t_min) ** (1 / rho)
-        sigmas = (hi + (lo - hi) * u) ** rho
-        return np.array([schedule.time_of(Level.from_sigma(s).ac) for s in sigmas])
-
-    return _spaced(schedule, steps, end, t_max, t_min, spacing)
+    t_max, t_min = bounds(schedule, t_max, t_min)
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+        raise UserError(f"the karras grid's rho must be a number > 0, got {rho!r}")
+    hi, lo = (Level.of(schedule.alpha(t)).rho ** (1 / rho) for t in (t_max, t_min))
+    return spaced(steps, end, t_max, t_min,
+                  lambda u: [schedule.time_of(Level.from_sigma((hi + (lo - hi) * v) ** rho).ac) for v in u])
 
 
-GRIDS: dict[str, Callable] = {"quadratic": quadratic_times, "logsnr": logsnr_times, "karras": karras_times}
+def _diffusers_end(calls: np.ndarray, end: str) -> tuple[float, ...]:
+    """diffusers' integer call times, then sigma = 0 (its final_sigmas_type "zero") or t = 0 ("sigma_min")."""
+    return tuple(float(t) for t in calls) + ((-1.0,) if end == "zero" else (0.0,))
+
+
+def linspace_times(schedule, steps, end):
+    """diffusers' "linspace" spacing of its multistep schedulers (DPM-Solver, UniPC, DEIS): the model is called at
+    round(linspace(0, N - 1, S + 1)) but the last, largest first."""
+    calls = np.linspace(0, schedule.num_steps - 1, steps + 1).round()[::-1][:-1]
+    return _diffusers_end(calls, end)
+
+
+def leading_times(schedule, steps, end, offset: int = 0):
+    """diffusers' "leading" spacing: k (N // (S + 1)) for k = S, ..., 1, plus its `steps_offset`."""
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or not 0 <= offset < schedule.num_steps:
+        raise UserError(f"the leading grid's offset (diffusers' steps_offset) must be an integer from 0 to "
+                        f"{schedule.num_steps - 1}, got {offset!r}")
+    calls = (np.arange(0, steps + 1) * (schedule.num_steps // (steps + 1))).round()[::-1][:-1] + offset
+    return _diffusers_end(calls, end)
+
+
+def trailing_times(schedule, steps, end):
+    """diffusers' "trailing" spacing: round(N - k N / S) - 1 for k = 0, ..., S - 1, the first call at N - 1."""
+    calls = np.arange(schedule.num_steps, 0, -schedule.num_steps / steps).round() - 1
+    return _diffusers_end(calls, end)
+
+
+GRIDS: dict[str, Callable] = {"quadratic": quadratic_times, "logsnr": logsnr_times, "karras": karras_times,
+                              "linspace": linspace_times, "leading": leading_times, "trailing": trailing_times}
+"""Named grids besides the paper's: each a function (schedule, steps, end, **parameters) -> times, largest first,
+the last being where the run ends; its keyword parameters (t_max, t_min, rho, offset) are the grid's own."""
 
 
 def grid_names() -> tuple[str, ...]:
     """Every named grid: the paper's uniform grid, then GRIDS (a grid added there is named at once)."""
     return ("uniform",) + tuple(GRIDS)
 
+
 Timesteps = Union[str, Sequence[float]]
 
 
 def make_grid(schedule: Schedule, timesteps: Timesteps = "uniform", steps: int | None = 50, end: str | None = None,
-              t_max: float | None = None, t_min: float | None = None) -> TimeGrid:
-    """The grid named `timesteps` (or given as an increasing list of times) with `steps` steps; UserError, one
-    line, for anything that cannot make a grid."""
-    n = schedule.num_steps
+              **parameters) -> TimeGrid:
+    """The grid named `timesteps` (or given as a list of times) with `steps` steps and the grid's own parameters
+    (t_max, t_min for quadratic, logsnr and karras; rho for karras; offset for leading); UserError, one line, for
+    anything that cannot make a grid."""
     if not isinstance(timesteps, str):
+        if parameters:
+            raise UserError(f"a list of times takes no grid parameters, got {', '.join(parameters)}")
         return explicit_grid(schedule, timesteps, end or "zero")
     if timesteps not in grid_names():
-        raise UserError(f"unknown time grid {timesteps!r}: expected one of {', '.join(grid_names())}, or an "
-                        "increasing list of times")
-    if steps is None:
-        steps = 50
-    limit = n if timesteps == "uniform" else MAX_STEPS
+        raise UserError(f"unknown time grid {timesteps!r}: expected one of {', '.join(grid_names())}, or a list of "
+                        "times")
+    steps = 50 if steps is None else steps
+    limit = schedule.num_steps if timesteps == "uniform" else MAX_STEPS
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= limit:
         what = " (the schedule's diffusion_step)" if timesteps == "uniform" else ""
         raise UserError(f"sample_step must be an integer from 1 to {limit}{what} for the {timesteps} grid, "
                         f"got {steps!r}")
-    steps = int(steps)
+    parameters = {k: v for k, v in parameters.items() if v is not None}
     if timesteps == "uniform":
-        if end not in (None, "min") or t_max is not None or t_min is not None:
-            raise UserError("the uniform grid is the paper's: it takes no end, t_max or t_min; use quadratic, logsnr "
-                            "or karras to choose where a run starts and ends")
-        return TimeGrid(schedule, uniform_times(schedule, steps), PAPER, "uniform")
+        if end not in (None, "min") or parameters:
+            raise UserError("the uniform grid is the paper's: it takes no end or grid parameters; use quadratic, "
+                            "logsnr or karras to choose where a run starts and ends")
+        return TimeGrid(schedule, uniform_times(schedule, int(steps)), PAPER, "uniform")
     end = end or "zero"
     if end not in ENDS:
         raise UserError(f"unknown grid end {end!r}: expected zero (finish at sigma = 0) or min (finish at t_min)")
-    t_max = float(n - 1 if t_max is None else t_max)
-    t_min = float(0 if t_min is None else t_min)
-    if not 0 <= t_min < t_max <= n - 1:
-        raise UserError(f"grid bounds must satisfy 0 <= t_min < t_max <= {n - 1}, got t_min {t_min:g}, "
-                        f"t_max {t_max:g}")
-    if end == "zero" and steps == 1:
-        times = (t_max, -1.0)
-    else:
-        times = GRIDS[timesteps](schedule, steps, end, t_max, t_min)
-    return TimeGrid(schedule, _checked_decreasing(times, timesteps), MODEL, timesteps)
+    build = GRIDS[timesteps]
+    takes = [p for p in inspect.signature(build).parameters if p not in ("schedule", "steps", "end")]
+    unknown = sorted(set(parameters) - set(takes))
+    if unknown:
+        raise UserError(f"the {timesteps} grid has no parameter {unknown[0]!r}: it takes "
+                        f"{', '.join(takes) or 'none'}")
+    times = build(schedule, int(steps), end, **parameters)
+    return TimeGrid(schedule, _checked_decreasing(tuple(times), timesteps), MODEL, timesteps)
 
 
 def explicit_grid(schedule: Schedule, times: Sequence[float], end: str = "zero") -> TimeGrid:
-    """A grid from an increasing list of times (the model is called at each, largest first)."""
+    """A grid from a list of times in either order, increasing or decreasing (diffusers' `scheduler.timesteps`):
+    the model is called at each, largest first."""
     n = schedule.num_steps
     try:
         values = [float(t) for t in times]
@@ -187,8 +226,10 @@ def explicit_grid(schedule: Schedule, times: Sequence[float], end: str = "zero")
         raise UserError(f"a list of times needs at least {1 if end == 'zero' else 2} entries, got {len(values)}")
     if not all(math.isfinite(t) and 0 <= t <= n - 1 for t in values):
         raise UserError(f"every listed time must be in [0, {n - 1}], got {values}")
+    if len(values) > 1 and values[0] > values[-1]:
+        values = values[::-1]
     if any(b <= a for a, b in zip(values, values[1:])):
-        raise UserError(f"the listed times must be strictly increasing, got {values}")
+        raise UserError(f"the listed times must be strictly increasing or strictly decreasing, got {times!r}")
     descending = tuple(reversed(values)) + ((-1.0,) if end == "zero" else ())
     return TimeGrid(schedule, descending, MODEL, "explicit")
 

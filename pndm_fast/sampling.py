@@ -108,12 +108,12 @@ def cached_grid(schedule: Schedule, timesteps, sample_step, end) -> TimeGrid:
     return make_grid(schedule, list(timesteps) if isinstance(timesteps, tuple) else timesteps, sample_step, end)
 
 
-def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = None,
-             end: str | None = None) -> TimeGrid:
-    """The run's grid (cached): `timesteps` a grid name, an increasing list of times, or a TimeGrid."""
+def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = None, end: str | None = None,
+             **parameters) -> TimeGrid:
+    """The run's grid (cached): `timesteps` a grid name (with its parameters), a list of times, or a TimeGrid."""
     if isinstance(timesteps, TimeGrid):
-        if sample_step is not None or end is not None:
-            raise UserError("a TimeGrid is a whole grid: give it without sample_step or end")
+        if sample_step is not None or end is not None or parameters:
+            raise UserError("a TimeGrid is a whole grid: give it without sample_step, end or grid parameters")
         if not timesteps.schedule.same_levels(schedule):
             raise UserError(f"the TimeGrid was made on another schedule ({timesteps.schedule.description}) than the "
                             f"run's ({schedule.description}); make it with make_grid on the run's schedule")
@@ -123,22 +123,23 @@ def grid_for(schedule: Schedule, timesteps="uniform", sample_step: int | None = 
             timesteps = tuple(float(t) for t in timesteps)
         except (TypeError, ValueError):
             raise UserError(f"timesteps must be a grid name or a list of numbers, got {timesteps!r}") from None
-    if (sample_step is None or type(sample_step) is int) and (end is None or type(end) is str):
+    if not parameters and (sample_step is None or type(sample_step) is int) and (end is None or type(end) is str):
         return cached_grid(schedule, timesteps, sample_step, end)
     # anything else (True, 2.0, [2], ...) goes uncached, so that make_grid says what is wrong: the cache would
     # take True and 2.0 for the 1 and 2 they equal
-    return make_grid(schedule, timesteps, sample_step, end)
+    return make_grid(schedule, list(timesteps) if isinstance(timesteps, tuple) else timesteps, sample_step, end,
+                     **parameters)
 
 
-def resolve_run(schedule: Schedule, method, sample_step=None, timesteps="uniform", end=None,
-                model_calls=None) -> tuple[Method | None, TimeGrid | None, Plan]:
+def resolve_run(schedule: Schedule, method, sample_step=None, timesteps="uniform", end=None, model_calls=None,
+                **grid_parameters) -> tuple[Method | None, TimeGrid | None, Plan]:
     """(record, grid, plan) of a run: `method` a name, "auto", a Method or a Plan; `model_calls` a budget that the
     method's steps are fitted to (auto's is its table's). Record and grid are None for a Plan given whole."""
     if not isinstance(schedule, Schedule):
         raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
                         f"got {type(schedule).__name__}")
     if isinstance(method, Plan):
-        if sample_step is not None or model_calls is not None or end is not None or not (
+        if sample_step is not None or model_calls is not None or end is not None or grid_parameters or not (
                 isinstance(timesteps, str) and timesteps == "uniform"):
             raise UserError("a Plan carries its own grid: give it without sample_step, model_calls, timesteps or end")
         return None, None, method
@@ -148,13 +149,16 @@ def resolve_run(schedule: Schedule, method, sample_step=None, timesteps="uniform
     if method == auto.AUTO:
         if sample_step is not None:
             raise UserError("method auto chooses its steps from a budget: give model_calls=N, not sample_step")
+        if grid_parameters:
+            raise UserError("method auto chooses its own time grid: drop the grid parameters (or name a method)")
         record, grid = auto.choose(schedule, 50 if model_calls is None else model_calls, timesteps, end)
     else:
         record = as_method(method)
         if model_calls is None:
-            grid = grid_for(schedule, timesteps, sample_step, end)
+            grid = grid_for(schedule, timesteps, sample_step, end, **grid_parameters)
         else:
-            grid = fit_grid(record, model_calls, lambda steps: grid_for(schedule, timesteps, steps, end))
+            grid = fit_grid(record, model_calls,
+                            lambda steps: grid_for(schedule, timesteps, steps, end, **grid_parameters))
     return record, grid, cached_plan(grid, record)
 
 

@@ -128,7 +128,7 @@ def test_auto_fits_its_grid_to_the_diffusers_folders_own_schedule(tmp_path):
     the run gets that one TimeGrid, not a list of times to rebuild."""
     diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
     from pndm_fast.models.diffusers_folder import schedule_from_folder
-    from pndm_fast.runners.sample import fit_to_budget
+    from pndm_fast.runners.sample import resolve_grid_flags
 
     folder = tmp_path / "model"
     diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
@@ -139,8 +139,9 @@ def test_auto_fits_its_grid_to_the_diffusers_folders_own_schedule(tmp_path):
     folder_schedule = Schedule(schedule_from_folder(folder)[0])
     budget = 5
     args = Namespace(method="auto", model_calls=budget, sample_step=None, timesteps="uniform", timesteps_end=None,
-                     model_path=str(folder))
-    method, grid = fit_to_budget(load_config("digits"), args)
+                     model_path=str(folder), t_max=None, t_min=None, rho=None, steps_offset=None)
+    resolve_grid_flags(load_config("digits"), args)
+    method, grid = args.method, args.timesteps
     assert isinstance(grid, TimeGrid) and grid.schedule.same_levels(folder_schedule)
     assert method == TABLE[budget][0]
     last_call = folder_schedule.alpha(grid.times[-2])

@@ -97,9 +97,12 @@ def test_an_explicit_list_is_called_largest_first_and_ends_at_the_data():
     grid = make_grid(LINEAR, [0, 10.5, 500, 999])
     assert grid.times == (999, 500, 10.5, 0, -1) and grid.level(-1) == 1.0
     assert make_grid(LINEAR, [0, 10.5, 500, 999], end="min").times == (999, 500, 10.5, 0)
+    assert make_grid(LINEAR, [999, 500, 10.5, 0]).times == grid.times  # diffusers' order reads the same
 
 
-@pytest.mark.parametrize("bad,match", [([5, 3], "increasing"), ([0, 1000], r"\[0, 999\]"), ("spiral", "unknown time grid"),
+
+
+@pytest.mark.parametrize("bad,match", [([5, 3, 4], "strictly increasing or strictly decreasing"), ([3, 3], "strictly"), ([0, 1000], r"\[0, 999\]"), ("spiral", "unknown time grid"),
                                        ([float("nan")], r"\[0, 999\]"), ([], "at least")])
 def test_a_bad_grid_is_one_line(bad, match):
     with pytest.raises(UserError, match=match):

@@ -7,7 +7,7 @@ import torch
 
 from multistep_run import run_steps
 
-from pndm_fast import Schedule, sample
+from pndm_fast import Schedule, make_grid, sample
 from pndm_fast import multistep as ms
 
 # any import failure skips (absent, or installed without a dependency it needs)
@@ -109,3 +109,28 @@ def test_ddim(steps):
     times = sorted(int(t) for t in scheduler.timesteps)
     ours = sample(model, x[..., None], schedule, "DDIM", backend="torch", return_trajectory=True, timesteps=times)
     assert_every_step_agrees(theirs, list(ours[..., 0]))
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 10, 25, 999])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("cls_name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                      "DEISMultistepScheduler"])
+def test_diffusers_spacings_are_named_grids(cls_name, spacing, steps):
+    """diffusers' time steps at each spacing (steps_offset 1 with leading, as Stable Diffusion's configs set it) are
+    the named grid's call times, and the grid then ends at sigma = 0 (final_sigmas_type "zero")."""
+    offset = 1 if spacing == "leading" else 0
+    scheduler = getattr(diffusers, cls_name)(timestep_spacing=spacing, steps_offset=offset)
+    scheduler.set_timesteps(steps)
+    schedule = Schedule(scheduler.betas.double().numpy())
+    grid = make_grid(schedule, spacing, steps, offset=offset or None)
+    assert grid.times[:-1] == tuple(float(t) for t in scheduler.timesteps) and grid.times[-1] == -1.0
+    if grid.times[-2] > 0:  # a last call at t = 0 leaves no step to end at t = 0 with
+        assert make_grid(schedule, spacing, steps, "min", offset=offset or None).times[-1] == 0.0
+
+
+@pytest.mark.parametrize("steps", [3, 10, 50])
+def test_the_trailing_grid_is_ddims_too(steps):
+    scheduler = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    grid = make_grid(Schedule(scheduler.betas.double().numpy()), "trailing", steps)
+    assert grid.times[:-1] == tuple(float(t) for t in scheduler.timesteps)

@@ -184,24 +184,32 @@ def checkpoint_sha256(path: str) -> tuple[str, list]:
 
 
 def grid_label(opts: SampleOptions) -> str:
-    """The time grid as recorded in each image: its name (with its end when given) or its list of call times."""
+    """The time grid as recorded in each image: its name (with its end when given), its list of call times, or
+    for a grid resolved from a budget or parameters, its name and every time, the end included."""
     if isinstance(opts.timesteps, str):
         return opts.timesteps + (f":{opts.end}" if opts.end else "")
-    times = opts.timesteps.seq if isinstance(opts.timesteps, TimeGrid) else opts.timesteps
-    return ",".join(f"{t:g}" for t in times)
+    if isinstance(opts.timesteps, TimeGrid):
+        return f"{opts.timesteps.name}:" + ",".join(f"{t:g}" for t in opts.timesteps.times)
+    return ",".join(f"{t:g}" for t in opts.timesteps)
 
 
-def fit_to_budget(config: dict, args) -> tuple[str, TimeGrid]:
-    """(method, grid) for --model_calls (with --method auto, the method too), on the schedule the run samples on;
-    said on stderr."""
-    if args.model_calls is None:
+def resolve_grid_flags(config: dict, args) -> None:
+    """--method auto, --model_calls and the grid's parameters (--t_max, --t_min, --rho, --steps_offset), resolved
+    once on the schedule the run samples on into args' method and TimeGrid (said on stderr)."""
+    parameters = {key: value for key, value in (("t_max", args.t_max), ("t_min", args.t_min), ("rho", args.rho),
+                                                ("offset", args.steps_offset)) if value is not None}
+    if args.method != "auto" and args.model_calls is None and not parameters:
+        return
+    if args.method == "auto" and args.model_calls is None:
         raise UserError("--method auto fits its method and grid to a budget: give --model_calls N")
-    if args.sample_step is not None:
+    if args.model_calls is not None and args.sample_step is not None:
         raise UserError("give --sample_step (steps) or --model_calls (a budget of model calls), not both")
     schedule = source_schedule(config, args.model_path)
-    record, grid, _ = resolve_run(schedule, args.method, None, args.timesteps, args.timesteps_end, args.model_calls)
-    print(f"pndm-fast: {args.model_calls} model calls: {record.name} on the {grid}", file=sys.stderr)
-    return record.name, grid
+    record, grid, _ = resolve_run(schedule, args.method, args.sample_step, args.timesteps, args.timesteps_end,
+                                  args.model_calls, **parameters)
+    if args.model_calls is not None:
+        print(f"pndm-fast: {args.model_calls} model calls: {record.name} on the {grid}", file=sys.stderr)
+    args.method, args.timesteps, args.sample_step, args.timesteps_end = record.name, grid, None, None
 
 
 def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_hash: str, total: int,
