@@ -74,7 +74,7 @@ setup(
     description="PNDM sampling (Liu et al., ICLR 2022), reproduced number for number and made fast",
     packages=find_packages(include=["pndm_fast", "pndm_fast.*"]) + ["pndm_fast.kernels"],
     package_dir={"pndm_fast.kernels": "kernels"},
-    package_data={"pndm_fast": ["configs/*.yml", "weights/*"]},
+    package_data={"pndm_fast": ["configs/*.yml", "weights/*", "profiles/*.json"]},
     ext_modules=[
         Pybind11Extension(
             "pndm_fast._C",

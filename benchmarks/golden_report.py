@@ -63,7 +63,7 @@ def main() -> None:
                     truth = trajectory(golden, f64, torch.float64)[1]
                     row.append(f"{max_distance(expected, truth):.2e}")
                     for impl in impls:
-                        fused = sample(model, noise, schedule, method, steps, "fused", True, impl=impl)
+                        fused = sample(model, noise, schedule, method, steps, impl, True)  # torch, cpp: backends
                         row.append(f"{max_distance(fused, truth):.2e}")
                 else:
                     row += ["-"] * (1 + len(impls))

@@ -11,7 +11,7 @@ from .config import load_config
 from .errors import UserError
 
 MODELS = ("DDIM", "iDDPM")
-RUNNERS = ("sample", "train", "check", "convert", "fid")
+RUNNERS = ("sample", "train", "check", "convert", "fid", "tune")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="resume training from --train_path's checkpoint")
     p.add_argument("--data_path", help="training data folder (default: the config's Dataset.path)")
     p.add_argument("--max_steps", type=int, help="stop training after this many steps in all")
-    p.add_argument("--out_path", help="with --runner convert: the converted checkpoint (.safetensors or .ckpt)")
+    p.add_argument("--out_path", "--out", dest="out_path", help="with --runner convert: the converted checkpoint "
+                   "(.safetensors or .ckpt); with --runner tune: the profile (.json)")
+    p.add_argument("--budgets", default="4,5,6,8,10", help="with --runner tune: the budgets of model calls to tune "
+                   "for, separated by commas")
+    p.add_argument("--noises", help="with --runner tune: SELECTION,VALIDATION noises (default 32,32)")
+    p.add_argument("--profile", help="with --method auto: a profile of --runner tune to sample with (the bundled "
+                   "models' own by default)")
     p.add_argument("--fid_stats", help="with --runner fid: the reference statistics (mu, sigma) as .npz")
     p.add_argument("--make_stats", action="store_true",
                    help="with --runner fid: write --fid_stats from the images in --image_path instead of scoring")
@@ -268,7 +274,7 @@ def run(args) -> int:
     from .grids import TimeGrid
     from .runners.sample import resolve_grid_flags
 
-    resolve_grid_flags(config, args)
+    resolve_grid_flags(config, args, args.config or "digits")
     if args.sample_step is None and not isinstance(args.timesteps, TimeGrid):
         args.sample_step = 50
     if args.runner == "train":
@@ -280,6 +286,12 @@ def run(args) -> int:
                         max_steps=args.max_steps, seed=args.seed, progress=not args.no_progress)
         print(training_summary(summary, args.restart))
         return 0
+    if args.runner == "tune":
+        from .runners.tune import run_tune
+
+        return run_tune(config, args.model_path, device, args.out_path, args.budgets, args.noises, args.classes,
+                        args.guidance, args.seed, args.dtype, progress=not args.no_progress,
+                        config_name=(args.config or "digits").replace("_", "-"))
     if args.runner == "check":
         from .runners.check import run_check
 
@@ -294,6 +306,7 @@ def run(args) -> int:
         image_path=args.image_path, model_path=args.model_path,
         total_num=args.total_num, batch_size=args.batch_size, seed=args.seed, device=device,
         backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, image_grid=args.image_grid,
+        profile=args.profile,
         progress=not args.no_progress))
     return 0
 

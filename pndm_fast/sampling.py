@@ -18,7 +18,7 @@ from .grids import TimeGrid, make_grid
 from .levels import eps_weights
 from .lowering import lower
 from .ops import available_impls
-from .methods import Method, as_method, fit_grid
+from .methods import Method, as_method, check_budget, fit_grid
 from .models import input_problem
 from .plans import Plan
 from .profiling import nvtx_enabled
@@ -173,7 +173,7 @@ def model_dtype_of(model, noise_dtype: torch.dtype = torch.float32) -> torch.dty
 
 def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", sample_step: int | None = None,
            backend: str = "auto", return_trajectory: bool = False, *, timesteps="uniform", end: str | None = None,
-           model_calls: int | None = None, compile: bool = False, nvtx: bool | None = None,
+           model_calls: int | None = None, profile=None, compile: bool = False, nvtx: bool | None = None,
            channels_last: bool = False, check_finite: bool = True) -> torch.Tensor:
     """Sample from `noise` (B, C, H, W) with `method` in `sample_step` steps (default 50) of the grid `timesteps`.
 
@@ -182,7 +182,8 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     `Method`, a `Plan` built whole (it carries its grid), or "auto". `timesteps`: "uniform" (the paper's integer
     skip, the default), "quadratic", "logsnr", "karras", an increasing list of times, or a `TimeGrid`; `end`
     ("zero" or "min") says where a named non-uniform grid ends (pndm_fast/grids.py). `model_calls=N` instead of
-    `sample_step` fits the steps to a budget of N model calls; `method="auto"` then runs the method and grid that
+    `sample_step` fits the steps to a budget of N model calls; `method="auto"` then runs the choice of `profile`
+    (a `pndm_fast.tune` result made for this model; the bundled models' own by default), else the method and grid
     the accuracy study measured most accurate for it (pndm_fast/auto.py). `backend`: one of `BACKENDS`.
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
@@ -195,8 +196,11 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     `check_finite=False` skips the last check, the only one that reads a value back from the device (one host
     sync per call), for latency-critical callers that know their noise is finite.
     """
-    record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     denoiser = as_denoiser(model)
+    if method == auto.AUTO or profile is not None:
+        method, timesteps, model_calls = profiled(denoiser, schedule, method, sample_step, model_calls, profile,
+                                                  timesteps, end)
+    record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     check_inputs(denoiser, noise, check_finite)
     backend = resolve_backend(backend, noise.device)
     module = denoiser.module
@@ -224,6 +228,28 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             runner.caller.release()
         checkin(owner, key, runner)
         return result
+
+
+def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_calls, profile, timesteps, end):
+    """(method, timesteps, model_calls) of an auto run: the profile's choice for the budget when a profile (given,
+    or bundled for this model) applies, else auto's own (method "auto", unchanged)."""
+    from .tuning.profile import Profile, bundled_profile
+
+    if method != auto.AUTO:
+        raise UserError("profile= holds the choices of method auto: give method=\"auto\" with it")
+    if profile is not None and not isinstance(profile, Profile):
+        raise UserError(f"profile must be a pndm_fast.tuning.Profile (Profile.load(path)), got "
+                        f"{type(profile).__name__}")
+    if not isinstance(schedule, Schedule):
+        return method, timesteps, model_calls  # resolve_run says what is wrong
+    found = profile if profile is not None else bundled_profile(denoiser, schedule)
+    if found is None:
+        return method, timesteps, model_calls
+    if sample_step is not None or end is not None or not (isinstance(timesteps, str) and timesteps == "uniform"):
+        raise UserError("method auto with a profile takes model_calls=N only (the profile holds the grid)")
+    found.check(denoiser, schedule)
+    chosen, grid = found.choice(schedule, check_budget(50 if model_calls is None else model_calls))
+    return chosen, grid, None
 
 
 def model_device(model) -> torch.device | None:

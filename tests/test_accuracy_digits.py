@@ -70,7 +70,8 @@ def independent_fd_and_entropy(images: np.ndarray, real: np.ndarray) -> tuple[fl
     in bits of the predicted labels, written here without the study's code."""
     net = load_classifier()
     with torch.inference_mode():
-        feats = [net.features(torch.from_numpy(x).float().unsqueeze(1) / 255.0).double().numpy() for x in (images, real)]
+        feats = [net.features(torch.from_numpy(x).float().unsqueeze(1) / 255.0).double().numpy()
+                 for x in (images, real)]
         labels = net.head(net.features(torch.from_numpy(images).float().unsqueeze(1) / 255.0)).argmax(1).numpy()
     (mu1, mu2), (s1, s2) = [f.mean(0) for f in feats], [np.cov(f, rowvar=False) for f in feats]
     fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real))

@@ -151,7 +151,8 @@ CASES = {
     "grid is an image of the run": (plain(lambda t: sample_args(t, "--image_grid", str(t / "out" / "000001.png"))),
                                     "named like an image of the run"),
     "grid is some other file": (plain(lambda t: (t / "notes.txt").write_text("mine") and
-                                      sample_args(t, "--image_grid", str(t / "notes.txt"))), "is not a grid pndm-fast wrote"),
+                                      sample_args(t, "--image_grid", str(t / "notes.txt"))),
+                                "is not a grid pndm-fast wrote"),
     "out of memory": (oom, "out of memory sampling a batch of 4 images"),
     "full disk (images)": (no_space("000", lambda t: sample_args(t)), "no space left on the device writing"),
     "full disk (grid)": (no_space("grid.png", lambda t: sample_args(t, "--image_grid", str(t / "grid.png"))),

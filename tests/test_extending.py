@@ -186,7 +186,7 @@ def test_a_time_grid_of_another_schedule_is_refused(ring):
 def test_the_top_level_shows_only_the_public_names():
     public = {"load_config", "UserError", "build_model", "load_checkpoint", "Schedule", "make_grid", "TimeGrid", "Plan",
               "Method", "METHODS", "method_record", "register_method", "build_plan", "Denoiser", "sample",
-              "set_cache_limit", "pretrained", "pretrained_names"}
+              "set_cache_limit", "pretrained", "pretrained_names", "tune", "Profile"}
     assert set(dir(pndm_fast)) == public
     for name in public:
         assert getattr(pndm_fast, name) is not None

@@ -265,7 +265,8 @@ def flag_values(folder):
                                      "digits", str(folder / "tiny.yml")]),
         "--image_path": st.sampled_from([str(folder / "a_file"), str(folder / "a_file" / "below")]),
         "--model_calls": st.one_of(st.integers(-5, 0), st.sampled_from(["1", "3", "8", "x"])),
-        "--image_grid": st.sampled_from([str(folder), str(folder / "a_file" / "grid.png"), str(folder / "g" / "grid.png")]),
+        "--image_grid": st.sampled_from([str(folder), str(folder / "a_file" / "grid.png"),
+                                         str(folder / "g" / "grid.png")]),
     }
     return st.lists(st.sampled_from(sorted(values)), max_size=2, unique=True).flatmap(
         lambda flags: st.fixed_dictionaries({flag: values[flag] for flag in flags}))

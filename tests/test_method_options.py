@@ -59,7 +59,8 @@ def test_the_plan_uses_the_coefficients_the_peer_tests_check(problem, method, co
     def eps_fn(x, ac):  # a model is given its times in float32, as the engine gives them
         return model(x, torch.full((x.shape[0],), time_of[float(ac)], dtype=torch.float32))
 
-    theirs, _ = run_steps(coefficients(acs), noise, acs, eps_fn, {"unipc": "x0", "dpm_solver_pp": "x0"}.get(kind, "eps"))
+    prediction = {"unipc": "x0", "dpm_solver_pp": "x0"}.get(kind, "eps")
+    theirs, _ = run_steps(coefficients(acs), noise, acs, eps_fn, prediction)
     ours = sample(model, noise, LINEAR, method, 8, "fused", True, timesteps="logsnr", end="zero")
     assert len(theirs) == len(ours)
     for i, (a, b) in enumerate(zip(theirs, ours)):

@@ -102,7 +102,8 @@ def test_an_explicit_list_is_called_largest_first_and_ends_at_the_data():
 
 
 
-@pytest.mark.parametrize("bad,match", [([5, 3, 4], "strictly increasing or strictly decreasing"), ([3, 3], "strictly"), ([0, 1000], r"\[0, 999\]"), ("spiral", "unknown time grid"),
+@pytest.mark.parametrize("bad,match", [([5, 3, 4], "strictly increasing or strictly decreasing"), ([3, 3], "strictly"),
+                                       ([0, 1000], r"\[0, 999\]"), ("spiral", "unknown time grid"),
                                        ([float("nan")], r"\[0, 999\]"), ([], "at least")])
 def test_a_bad_grid_is_one_line(bad, match):
     with pytest.raises(UserError, match=match):

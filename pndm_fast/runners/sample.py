@@ -26,7 +26,9 @@ from ..lock import folder_lock
 from ..grids import TimeGrid
 from ..models import build_model, load_checkpoint
 from ..models.diffusers_folder import schedule_from_folder
+from ..methods import method_record
 from ..sampling import resolve_run, sample
+from ..tuning.profile import Profile, bundled_profile_named
 from ..schedule import Schedule
 from ..seeds import derived_seed
 from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
@@ -54,6 +56,7 @@ class SampleOptions:
     dtype: str = "fp32"
     nvtx: bool | None = None
     image_grid: str | None = None  # --image_grid: one PNG of the first images side by side
+    profile: object = None  # the tuning profile the method and grid came from: checked against the model
     progress: bool = True
 
 
@@ -193,9 +196,10 @@ def grid_label(opts: SampleOptions) -> str:
     return ",".join(f"{t:g}" for t in opts.timesteps)
 
 
-def resolve_grid_flags(config: dict, args) -> None:
-    """--method auto, --model_calls and the grid's parameters (--t_max, --t_min, --rho, --steps_offset), resolved
-    once on the schedule the run samples on into args' method and TimeGrid (said on stderr)."""
+def resolve_grid_flags(config: dict, args, config_name: str = "") -> None:
+    """--method auto (with --profile, or the bundled model's own), --model_calls and the grid's parameters (--t_max,
+    --t_min, --rho, --steps_offset), resolved once on the schedule the run samples on into args' method and
+    TimeGrid (said on stderr); a profile used is left in args.profile, to be checked against the model."""
     parameters = {key: value for key, value in (("t_max", args.t_max), ("t_min", args.t_min), ("rho", args.rho),
                                                 ("offset", args.steps_offset)) if value is not None}
     if args.method != "auto" and args.model_calls is None and not parameters:
@@ -205,10 +209,23 @@ def resolve_grid_flags(config: dict, args) -> None:
     if args.model_calls is not None and args.sample_step is not None:
         raise UserError("give --sample_step (steps) or --model_calls (a budget of model calls), not both")
     schedule = source_schedule(config, args.model_path)
-    record, grid, _ = resolve_run(schedule, args.method, args.sample_step, args.timesteps, args.timesteps_end,
-                                  args.model_calls, **parameters)
+    profile = None
+    if args.method == "auto":
+        profile = (Profile.load(args.profile) if getattr(args, "profile", None) else
+                   bundled_profile_named(config_name, getattr(args, "guidance", 1.0)) if args.model_path is None
+                   else None)
+    if profile is not None:
+        if args.timesteps != "uniform" or args.timesteps_end or parameters:
+            raise UserError("method auto with a profile takes --model_calls only (the profile holds the grid)")
+        method, grid = profile.choice(schedule, args.model_calls)
+        record = method_record(method)
+    else:
+        record, grid, _ = resolve_run(schedule, args.method, args.sample_step, args.timesteps, args.timesteps_end,
+                                      args.model_calls, **parameters)
+    args.profile = profile
     if args.model_calls is not None:
-        print(f"pndm-fast: {args.model_calls} model calls: {record.name} on the {grid}", file=sys.stderr)
+        tuned = " (tuned profile)" if profile is not None else ""
+        print(f"pndm-fast: {args.model_calls} model calls{tuned}: {record.name} on the {grid}", file=sys.stderr)
     args.method, args.timesteps, args.sample_step, args.timesteps_end = record.name, grid, None, None
 
 
@@ -394,6 +411,9 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
                    checkpoint: str, total: int, batch: int, stack: contextlib.ExitStack) -> int:
     source = open_source(config, opts.model_path, device, opts.dtype)
     check_classes(source, opts.classes, opts.guidance)
+    if opts.profile is not None:
+        labels = labels_for(range(1), opts.classes, source.num_classes, 1)
+        opts.profile.check(denoiser_for(source, labels, opts.guidance), source.schedule)
     if opts.classes == "all" and opts.total_num is None:
         total = source.num_classes**2  # a square grid, one row per class
     model, schedule = source.net, source.schedule
@@ -467,9 +487,10 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
     seconds = time.perf_counter() - start
     if world.is_main:
         if opts.image_grid:
-            check_image_grid(opts.image_grid, folder, checkpoint)  # again: a file may have appeared under its name meanwhile
+            check_image_grid(opts.image_grid, folder, checkpoint)  # again: a file may have appeared meanwhile
+            record = json.dumps({"image_path": os.path.abspath(folder), "total_num": total})
             write_png_atomic(image_grid(read_image_grid_tiles(folder, total, shape)), opts.image_grid,
-                             text={IMAGE_GRID_KEY: json.dumps({"image_path": os.path.abspath(folder), "total_num": total})})
+                             text={IMAGE_GRID_KEY: record})
         # The rate of the work done: every image sampled (a resumed batch is sampled whole, even when only some of
         # its images were missing), not only those written.
         print(f"wrote {written} images to {folder} in {seconds:.2f} s ({made / seconds:.2f} images/s sampled)")

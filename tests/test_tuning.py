@@ -1,0 +1,164 @@
+"""The tuner: its teacher against the exact ODE of a mixture, its optimiser on a problem whose best grid is known,
+selection that never sees the validation noises, and profiles that round-trip, run what they say, and are refused
+for another model, schedule or guidance scale."""
+
+import math
+
+import pytest
+import torch
+from mixture import MixtureEps, ring_2d
+
+from pndm_fast import Denoiser, Schedule, UserError, make_grid, sample
+from pndm_fast.levels import Level
+from pndm_fast.tuning import Profile, Teacher, tune
+from pndm_fast.tuning.search import Candidate, optimise_times
+from pndm_fast.tuning.teacher import relative_error
+
+LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000})
+SMALL = dict(methods=["DDIM", "DPM-Solver++2M", "UniPC-bh2:order=2"], families=("logsnr", "karras", "linspace"),
+             screen=4, evaluations=8, teacher_steps=100, peers=False)
+
+
+def noises(n, seed):
+    return torch.randn(n, 2, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return MixtureEps(ring_2d(), LINEAR)
+
+
+def test_the_teacher_and_its_error_estimate_against_the_exact_ode(ring):
+    import accuracy_peers as ap
+
+    noise = noises(16, 1)
+    teacher = Teacher.solve(ring, noise, LINEAR, 50, backend="torch")  # 100 steps, checked against 50
+    sigma_max = Level.of(LINEAR.alpha(LINEAR.num_steps - 1)).rho
+    exact = ap.exact_flow(ring_2d(), noise.reshape(16, -1), sigma_max, [0.0])[0.0]
+    actual = relative_error(teacher.x, exact.reshape(teacher.x.shape))
+    assert teacher.steps == 100 and actual < 1e-3
+    # the estimate is of the right size: within 10x of the true error either way
+    assert actual / 10 < teacher.error < 10 * actual, (teacher.error, actual)
+
+
+def test_the_optimiser_finds_a_known_best_grid():
+    """Planted: a pattern search that never moves the first call, or that moves calls past each other, fails."""
+    target = [900.0, 600.0, 350.0, 120.0, 30.0]
+    target_lams = [Level.of(LINEAR.alpha(t)).lam for t in target]
+
+    def distance(candidate: Candidate) -> float:
+        calls = candidate.grid.times[:-1]
+        assert all(b < a for a, b in zip(calls, calls[1:]))
+        return sum((Level.of(LINEAR.alpha(t)).lam - lam) ** 2 for t, lam in zip(calls, target_lams))
+
+    start = Candidate("DDIM", make_grid(LINEAR, "logsnr", 5), "start")
+    best, value = optimise_times(distance, start, LINEAR, evaluations=400)
+    assert value < 1e-4 * distance(start)
+    assert best.grid.times[:-1] == pytest.approx(tuple(target), abs=2.0)
+
+
+def test_selection_never_sees_the_validation_noises(ring):
+    selection, validation = noises(8, 2), noises(8, 3)
+    runs = {"selection": 0, "validation": 0}
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ring
+
+        def forward(self, x, t):
+            for name, batch in (("selection", selection), ("validation", validation)):
+                if x.shape == batch.shape and torch.equal(x, batch):
+                    runs[name] += 1  # a run's first call sees its noise
+            return self.inner(x, t)
+
+    profile = tune(Spy(), LINEAR, [4, 6], selection, validation, backend="torch", finalists=2, **SMALL)
+    # the teacher runs on both sets together; apart from it only each budget's (at most 2) finalists see the
+    # validation noises, and everything before them runs on the selection noises
+    assert 2 <= runs["validation"] <= 2 * 2 and runs["selection"] > 20, runs
+    for budget in (4, 6):
+        entry = profile.budgets[budget]
+        assert entry["model_calls"] <= budget and entry["error"] < 0.2
+
+
+def test_a_profile_round_trips_runs_its_choice_and_refuses_another_model(ring, tmp_path):
+    selection, validation = noises(8, 4), noises(8, 5)
+    profile = tune(ring, LINEAR, [5], selection, validation, backend="torch", **SMALL)
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    loaded = Profile.load(path)
+    assert loaded.budgets == profile.budgets and loaded.model == profile.model
+    method, grid = loaded.choice(LINEAR, 5)
+    x = noises(4, 6)
+    theirs = sample(ring, x, LINEAR, method, backend="torch", timesteps=grid)
+    ours = sample(ring, x, LINEAR, "auto", model_calls=7, backend="torch", profile=loaded)  # 7 takes the 5 entry
+    assert torch.equal(ours, theirs)
+    # the validated error it reports is what its choice scores against an independent teacher on those noises
+    truth = Teacher.solve(ring, validation, LINEAR, 100, backend="torch").x
+    chosen = sample(ring, validation, LINEAR, method, backend="torch", timesteps=grid)
+    assert math.isclose(relative_error(chosen, truth), loaded.budgets[5]["error"], rel_tol=1e-6)
+
+    other = MixtureEps(ring_2d(), LINEAR)
+    with torch.no_grad():
+        other.dtype_anchor.add_(1.0)  # other weights, the same function
+    for model, schedule, match in [
+        (other, LINEAR, "another model"),
+        (ring, Schedule.from_config({"type": "cosine", "diffusion_step": 1000}), "another noise schedule"),
+        (Denoiser(ring, cond={}, uncond={}, guidance=2.0), LINEAR, "guidance 1"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            sample(model, x, schedule, "auto", model_calls=5, backend="torch", profile=loaded)
+    with pytest.raises(UserError, match="none at or below 4"):
+        loaded.choice(LINEAR, 4)
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(UserError, match="not a pndm_fast tuning profile"):
+        Profile.load(tmp_path / "bad.json")
+
+
+def test_the_bundled_digits_model_samples_auto_with_its_own_profile():
+    from pndm_fast import pretrained
+    from pndm_fast.auto import choose
+    from pndm_fast.tuning.profile import bundled_profile
+
+    model, schedule = pretrained("digits")
+    profile = bundled_profile(model, schedule)
+    assert profile is not None and profile.info["config"] == "digits" and sorted(profile.budgets) == [4, 5, 6, 8, 10]
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for budget in (4, 7, 10):
+        method, grid = profile.choice(schedule, budget)
+        assert method_calls(method, grid) <= budget
+        with torch.inference_mode():
+            assert torch.equal(sample(model, x, schedule, "auto", model_calls=budget),
+                               sample(model, x, schedule, method, timesteps=grid))
+    # other weights: no profile applies, and auto runs its table
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    table_method, table_grid = choose(schedule, 6)
+    with torch.inference_mode():
+        assert torch.equal(sample(model, x, schedule, "auto", model_calls=6),
+                           sample(model, x, schedule, table_method.name, timesteps=table_grid))
+
+
+def method_calls(method, grid):
+    from pndm_fast import method_record
+
+    return method_record(method).plan(grid).model_calls
+
+
+@pytest.mark.slow
+def test_the_tune_command_saves_each_budget_and_continues(tmp_path, capsys):
+    from pndm_fast.cli import main
+
+    out = tmp_path / "profile.json"
+    argv = ["--runner", "tune", "--config", "digits", "--noises", "4,4", "--out", str(out), "--no_progress"]
+    assert main([*argv, "--budgets", "3"]) == 0
+    first = Profile.load(out)
+    assert sorted(first.budgets) == [3] and first.info["config"] == "digits"
+    capsys.readouterr()
+    assert main([*argv, "--budgets", "3,4"]) == 0
+    said = capsys.readouterr().out
+    assert "holds budgets 3 for this model: continuing with the rest" in said
+    again = Profile.load(out)
+    assert again.budgets[3] == first.budgets[3] and sorted(again.budgets) == [3, 4]
+    assert main([*argv, "--budgets", "3", "--config", "digits-cond", "--class", "1"]) == 2  # another model
+    assert "tuned for another model" in capsys.readouterr().err
