@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import golden_json, golden_path, read_images
+from conftest import golden_json, golden_model, golden_path, read_images
 from PIL import Image
 
+from pndm_fast import Schedule, sample
 from pndm_fast.cli import main
 from pndm_fast.models import save_state_dict
 from pndm_fast.runners.sample import noise_for
@@ -93,7 +94,7 @@ BAD_INPUTS = [
     (["--sample_step", "0"], "sample_step must be an integer from 1 to 1000"),
     (["--sample_step", "1001"], "sample_step must be an integer from 1 to 1000"),
     (["--timesteps", "spiral"], "unknown time grid 'spiral'"),
-    (["--timesteps", "5,3"], "strictly increasing"),
+    (["--timesteps", "5,3,4"], "strictly increasing or strictly decreasing"),
     (["--timesteps", "0,x"], "neither a grid"),
     (["--timesteps", "uniform", "--timesteps_end", "zero"], "the uniform grid is the paper's"),
     (["--backend", "graph"], "needs a CUDA device"),
@@ -141,13 +142,37 @@ def test_python_dash_m_is_the_same_program(small, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("extra", [["--sample_step", "333"], ["--timesteps", "karras"],
-                                   ["--timesteps", "logsnr", "--timesteps_end", "min", "--method", "DPM-Solver++2M"],
-                                   ["--timesteps", "0,250.5,999", "--method", "S-PNDM"]])
-def test_every_step_count_and_grid_samples_from_the_command_line(small, tmp_path, extra):
+GRID_RUNS = [
+    (["--sample_step", "333"], {"sample_step": 333}),
+    (["--timesteps", "karras"], {"timesteps": "karras"}),
+    (["--timesteps", "logsnr", "--timesteps_end", "min", "--method", "DPM-Solver++2M"],
+     {"timesteps": "logsnr", "end": "min", "method": "DPM-Solver++2M"}),
+    (["--timesteps", "0,250.5,999", "--method", "S-PNDM"], {"timesteps": [0, 250.5, 999], "method": "S-PNDM"}),
+]
+
+
+@pytest.mark.parametrize("extra,api", GRID_RUNS, ids=[" ".join(extra) for extra, _ in GRID_RUNS])
+def test_every_step_count_and_grid_samples_from_the_command_line(small, tmp_path, extra, api):
+    """The images are those of the Python API run with the same step count, grid and times (the noise of
+    images 0 and 1, seed 0, in one batch as the config's batch_size 2 makes them), and not the default grid's
+    (5 uniform steps of F-PNDM). Fails if --timesteps is ignored (planted: the sample runner passing
+    timesteps="uniform" to sample()) or its times are changed (planted: parse_timesteps truncating 250.5 to
+    250)."""
     out = tmp_path / "out"
     assert run_cli(small, "--total_num", "2", *extra, out=out) == 0
     assert sorted(os.listdir(out)) == ["000000.png", "000001.png"]
+    made = np.stack([np.asarray(Image.open(out / name)) for name in ("000000.png", "000001.png")])
+    model, meta = golden_model("ddim_small_linear")
+    schedule = Schedule.from_config(meta["Schedule"])
+    noise = noise_for(range(2), (3, 16, 16), seed=0)
+
+    def pixels(method="F-PNDM", sample_step=5, **grid):
+        with torch.no_grad():
+            x = sample(model, noise, schedule, method, sample_step, "fused", **grid)
+        return (((x + 1) / 2).clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    np.testing.assert_array_equal(made, pixels(**api))
+    assert np.abs(made.astype(int) - pixels().astype(int)).mean() > 1, "the same images as the default grid's"
 
 
 def test_a_folder_made_on_another_grid_is_refused(small, tmp_path, capsys):

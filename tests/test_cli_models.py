@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pndm_fast import Denoiser, Schedule, sample
 from pndm_fast.cli import main
+from pndm_fast.runners.sample import noise_for
 from digits_classifier import load_classifier
 
 
@@ -63,19 +65,38 @@ def test_bad_class_and_guidance_are_one_line(tmp_path, capsys, argv, message):
 
 
 def test_a_diffusers_model_folder_samples_with_its_own_scheduler_config(tmp_path, capsys):
+    """The images are those of the Python API given the folder's reading, v prediction on the scaled_linear
+    betas (written out here), and not those of eps or of linear betas. Fails if the folder's prediction type is
+    ignored (planted: open_diffusers_folder reading every folder as eps) or its beta schedule is (planted:
+    open_diffusers_folder taking the config's linear schedule)."""
     diffusers = pytest.importorskip("diffusers", exc_type=ImportError)
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32),
                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                 norm_num_groups=8)
+                                 norm_num_groups=8).eval().requires_grad_(False)
     folder = tmp_path / "model"
     unet.save_pretrained(folder)
     diffusers.DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_config(folder)
     out = tmp_path / "out"
     assert run("--model_path", str(folder), "--method", "UniPC-bh2", "--timesteps", "logsnr", "--sample_step", "4",
-               "--total_num", "2", "--image_path", str(out)) == 0
-    assert images(out).shape == (2, 8, 8, 1) or images(out).shape == (2, 8, 8)
+               "--total_num", "2", "--batch_size", "2", "--image_path", str(out)) == 0
+    made = images(out).reshape(2, 8, 8)
+
+    # scaled_linear: linspace in sqrt(beta) from beta_start to beta_end (diffusers' defaults 1e-4 and 0.02), squared
+    scaled_linear = Schedule(np.linspace(1e-4**0.5, 0.02**0.5, 1000, dtype=np.float64) ** 2)
+    linear = Schedule(np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
+    noise = noise_for(range(2), (1, 8, 8), seed=0)
+
+    def pixels(prediction, schedule):
+        with torch.no_grad():
+            x = sample(Denoiser.from_diffusers(unet, prediction), noise, schedule, "UniPC-bh2", 4,
+                       timesteps="logsnr")
+        return (((x + 1) / 2).clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).reshape(2, 8, 8).numpy()
+
+    np.testing.assert_array_equal(made, pixels("v_prediction", scaled_linear))
+    for wrong in (pixels("epsilon", scaled_linear), pixels("v_prediction", linear)):
+        assert np.abs(made.astype(int) - wrong.astype(int)).mean() > 2
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     assert run("--model_path", str(empty), "--total_num", "2", "--image_path", str(tmp_path / "o2")) == 2

@@ -1,5 +1,7 @@
 """iPNDM and DPM-Solver++(2M), added as plans only: every backend against their float64 reference steps."""
 
+import math
+
 import pytest
 import torch
 from conftest import relative_l2
@@ -15,7 +17,7 @@ SCHEDULE = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end
 TINY_DDIM = {"Model": {"struc": "DDIM", "ch": 32, "out_ch": 1, "ch_mult": [1, 2], "num_res_blocks": 1,
                        "attn_resolutions": [4], "dropout": 0.0, "in_channels": 1, "image_size": 8,
                        "resamp_with_conv": True}}
-FAST = [("torch", "torch")] + [("fused", impl) for impl in available_impls(torch.device("cpu"))]
+FAST = ["torch", "fused"] + [impl for impl in available_impls(torch.device("cpu")) if impl != "torch"]
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,14 @@ def test_every_backend_matches_the_float64_reference_in_float64(tiny, method, st
         assert relative_l2(ours[step], truth[step]) < 1e-12, f"step {step}"
 
 
-@pytest.mark.parametrize("backend,impl", FAST)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("method", NEW_METHODS)
-def test_float32_backends_are_as_close_to_float64_as_the_float32_reference(tiny, method, backend, impl):
+def test_float32_backends_are_as_close_to_float64_as_the_float32_reference(tiny, method, backend):
     model, model64, noise = tiny
     with torch.no_grad():
         truth = sample(model64, noise.double(), SCHEDULE, method, 20, "reference", return_trajectory=True)
         baseline = sample(model, noise, SCHEDULE, method, 20, "reference", return_trajectory=True)
-        ours = sample(model, noise, SCHEDULE, method, 20, backend, return_trajectory=True, impl=impl)
+        ours = sample(model, noise, SCHEDULE, method, 20, backend, return_trajectory=True)
     for step in range(1, len(truth)):
         limit = 2 * relative_l2(baseline[step], truth[step]) + 1e-7
         assert relative_l2(ours[step], truth[step]) <= limit, f"step {step}"
@@ -67,12 +69,24 @@ def test_the_first_step_is_ddims_step(tiny, method):
 
 
 def test_ipndm_ramps_its_order_with_the_history():
-    """Step k combines min(k + 1, 4) eps with the Adams-Bashforth weights of that order, scaled by the transfer."""
+    """Step k combines min(k + 1, 4) eps with the Adams-Bashforth weights of that order, scaled by the transfer's
+    eps coefficient B, with x's coefficient A; A and B are the paper's eq. 9, computed here in float64 from the
+    schedule's alphas at the paper's levels (the state at time t on ac[t + 1], the last step ending on ac[0]).
+    Fails if the plan's transfer is not the paper's (planted: solvers.transfer reading the model's levels
+    Schedule.alpha(t) instead of the grid's)."""
     plan = build_plan(SCHEDULE, "iPNDM", 10)
+    ac = SCHEDULE.alphas_cumprod.double().numpy()  # the float32 table, as the paper's code computes it
+    times = list(range(900, -1, -100)) + [-1]  # the paper's seq = range(0, 1000, 100), largest first, then -1
     expected = [(1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24)]
-    for k, (call, combine) in enumerate(plan.steps):
+    assert len(plan.steps) == len(times) - 1
+    for k, ((call, combine), t, t_next) in enumerate(zip(plan.steps, times, times[1:])):
+        a, a_next = ac[t + 1], ac[t_next + 1]
+        a_minus_1 = (a_next - a) / (math.sqrt(a) * (math.sqrt(a) + math.sqrt(a_next)))
+        b = -(a_next - a) / (math.sqrt(a) * (math.sqrt((1 - a_next) * a) + math.sqrt((1 - a) * a_next)))
+        assert call.t == t and call.src == "x"
         weights = expected[min(k, 3)]
         eps_terms = [(name, c) for name, c in combine.expr.terms.items() if name != "x"]
-        b = eps_terms[0][1] / weights[0]  # the transfer's eps coefficient
-        assert [c for _, c in eps_terms] == pytest.approx([b * w for w in weights], rel=1e-14)
+        assert [c for _, c in eps_terms] == pytest.approx([b * w for w in weights], rel=1e-12), f"step {k}"
         assert eps_terms[0][0] == call.dst
+        on_x = combine.expr.terms["x"]
+        assert getattr(on_x, "delta", on_x - 1.0) == pytest.approx(a_minus_1, rel=1e-12), f"step {k}"

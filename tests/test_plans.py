@@ -9,11 +9,12 @@ from conftest import CallCounter, golden_model, golden_run_params, golden_trajec
 from pndm_fast import Schedule
 from pndm_fast.ops import available_impls
 from pndm_fast.methods import METHODS, build_plan
+from pndm_fast import sampling
 from pndm_fast.sampling import sample
 
 LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 2e-2, "diffusion_step": 1000})
 F32_RUNS = [p for p in golden_run_params() if p.values[1] is None or p.values[1]["dtype"] == "f32"]
-CPU_IMPLS = [impl for impl in available_impls(torch.device("cpu"))]
+CPU_BACKENDS = available_impls(torch.device("cpu"))  # each fused op that runs here is a backend of its own name
 
 
 def float64_truth(name, run, noise):
@@ -44,10 +45,10 @@ def check_backend_against_golden(name, run, backend, model=None, device="cpu", *
         assert ours <= 2 * baseline + 1e-7, f"step {step}: {ours:.3e} vs float32 reference {baseline:.3e}"
 
 
-@pytest.mark.parametrize("impl", ["torch"] + [i for i in CPU_IMPLS if i != "torch"])
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in CPU_BACKENDS if b != "torch"])
 @pytest.mark.parametrize("name,run", F32_RUNS)
-def test_fused_backend_is_as_close_to_float64_as_the_float32_reference(name, run, impl):
-    check_backend_against_golden(name, run, "fused", impl=impl)
+def test_fused_backend_is_as_close_to_float64_as_the_float32_reference(name, run, backend):
+    check_backend_against_golden(name, run, backend)
 
 
 @pytest.mark.slow
@@ -92,9 +93,9 @@ class LinearEps(torch.nn.Module):
         return x * self.scale + t.view(-1, 1, 1, 1) * 1e-4
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_fused_loop_never_reads_a_value_back_to_the_host(method, impl, monkeypatch):
+def test_fused_loop_never_reads_a_value_back_to_the_host(method, backend, monkeypatch):
     noise, model = torch.randn(2, 3, 8, 8), LinearEps()
     with torch.no_grad():
         expected = sample(model, noise.double(), LINEAR, method, 10, "reference")
@@ -104,7 +105,7 @@ def test_fused_loop_never_reads_a_value_back_to_the_host(method, impl, monkeypat
 
         for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
             monkeypatch.setattr(torch.Tensor, name, refuse)
-        fused = sample(model, noise, LINEAR, method, 10, "fused", impl=impl, check_finite=False)
+        fused = sample(model, noise, LINEAR, method, 10, backend, check_finite=False)
         monkeypatch.undo()
     assert relative_l2(fused, expected) < 1e-5
 
@@ -125,16 +126,34 @@ def test_channels_last_buffers_give_the_same_samples(method):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_bfloat16_model_with_float32_sampler_state(method):
+def test_bfloat16_model_with_float32_sampler_state(method, monkeypatch):
+    """A bf16 model runs on bf16 inputs while the sampler's state buffers stay float32, and the run keeps within
+    twice the float32-state reference's distance to float64. Fails if the state is kept in the model's dtype
+    (planted: checkout choosing a bfloat16 state for a bfloat16 model, with the torch combination accepting it)."""
     model, meta = golden_model("ddim_small_linear")
     low_model = copy.deepcopy(model).to(torch.bfloat16)
     noise = torch.randn(2, 3, 16, 16)
     schedule = Schedule.from_config(meta["Schedule"])
+    state_dtypes, input_dtypes = set(), set()
+    checkout = sampling.checkout
+
+    def recorded(*args, **kwargs):
+        owner, key, runner = checkout(*args, **kwargs)
+        plan_runner = getattr(runner, "runner", runner)  # a CUDA graph's runner holds the buffers
+        state_dtypes.update(buffer.dtype for buffer in plan_runner.buffers.values())
+        return owner, key, runner
+
+    monkeypatch.setattr(sampling, "checkout", recorded)
+    hook = low_model.register_forward_pre_hook(lambda module, args: input_dtypes.add(args[0].dtype))
     with torch.no_grad():
         exact = sample(copy.deepcopy(model).double(), noise.double(), schedule, method, 10, "reference")
         # the paper's formulas in float32 around the same bf16 model: the error bf16 itself costs
         baseline = sample(low_model, noise, schedule, method, 10, "reference")
+        input_dtypes.clear()
         fused = sample(low_model, noise, schedule, method, 10, "fused")
+    hook.remove()
+    assert state_dtypes == {torch.float32}, f"sampler state in {state_dtypes}"
+    assert input_dtypes == {torch.bfloat16}, f"the model ran on {input_dtypes}"
     assert fused.dtype == torch.float32
     assert relative_l2(fused, exact) <= 2 * relative_l2(baseline, exact) + 1e-6
 
