@@ -246,7 +246,7 @@ def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_
     if found is None:
         return method, timesteps, model_calls
     if sample_step is not None or end is not None or not (isinstance(timesteps, str) and timesteps == "uniform"):
-        raise UserError("method auto with a profile takes model_calls=N only (the profile holds the grid)")
+        raise UserError("method auto chooses its own time grid (here its profile's): give model_calls=N only (or name a method)")
     found.check(denoiser, schedule)
     chosen, grid = found.choice(schedule, check_budget(50 if model_calls is None else model_calls))
     return chosen, grid, None

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from pndm_fast import ops  # noqa: E402
-from test_ops import OPERAND_DTYPES, assert_close_to_truth, check_case, make_case, truth  # noqa: E402
+from test_ops import OPERAND_DTYPES, assert_close_to_truth, check_case, make_case  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.triton_available(), reason="pndm_fast.kernels.lincomb did not import")
 
@@ -52,11 +52,8 @@ def test_sizes_around_every_power_of_two(n):
     # views of n elements; element n of each buffer is a guard that must stay NaN
     ops.lincomb(out[:n], x[:n], [v[:n] for v in operands], w, True, out2[:n], w2, False, impl="triton")
     assert out[n].isnan() and out2[n].isnan()
-    twin, twin2 = torch.empty(n), torch.empty(n)
-    ops.lincomb(twin, x[:n], [v[:n] for v in operands], w, True, twin2, w2, False, impl="torch")
-    for got, tw, weights, keep in ((out[:n], twin, w, True), (out2[:n], twin2, w2, False)):
-        want, scale = truth(x[:n], [v[:n] for v in operands], weights, keep)
-        assert_close_to_truth(got, tw, want, scale)
+    for got, weights, keep in ((out[:n], w, True), (out2[:n], w2, False)):
+        assert_close_to_truth(got, x[:n], [v[:n] for v in operands], weights, keep)
 
 
 def test_every_launch_config_is_exact():

@@ -216,7 +216,7 @@ def resolve_grid_flags(config: dict, args, config_name: str = "") -> None:
                    else None)
     if profile is not None:
         if args.timesteps != "uniform" or args.timesteps_end or parameters:
-            raise UserError("method auto with a profile takes --model_calls only (the profile holds the grid)")
+            raise UserError("method auto chooses its own time grid (here its profile's): drop the grid options (or name a method)")
         method, grid = profile.choice(schedule, args.model_calls)
         record = method_record(method)
     else:
