@@ -59,7 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", help="checkpoint: a plain state dict (.ckpt/.pt) or .safetensors")
     p.add_argument("--total_num", type=int, help="number of images (default: the config's Sample.total_num)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: the config's Sample.batch_size)")
-    p.add_argument("--seed", type=int, default=0, help="image i's noise depends only on (seed, i)")
+    p.add_argument("--seed", type=int, default=0, help="image i's noise depends only on (seed, i), and a "
+                   "stochastic method's k-th fresh noise on (seed, i, k)")
+    p.add_argument("--init_image", metavar="PICTURE", help="img2img: start every image from this picture (resized "
+                   "to the model's size), noised to the level where --strength of the grid's steps remain")
+    p.add_argument("--strength", type=float, help="with --init_image: the share of the grid's steps that run, in "
+                   "(0, 1] (floor(steps x strength) steps, diffusers' convention; default 1)")
+    p.add_argument("--mask", metavar="PICTURE", help="with --init_image: inpainting; white pixels are repainted, "
+                   "black ones keep the picture (blended back at each step's level)")
     p.add_argument("--image_grid", "--grid", dest="image_grid", metavar="PNG",
                    help="also write one PNG of the first images (up to 256) side by side here")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="how the run executes: reference (the "
@@ -219,6 +226,10 @@ def validate_args(args) -> None:
                         f"got {args.total_num}; split larger runs with --seed")
     if args.seed < 0:
         raise UserError(f"--seed must be 0 or more (image i's noise is seeded by (seed, i)), got {args.seed}")
+    if (args.strength is not None or args.mask) and not args.init_image:
+        raise UserError("--strength and --mask edit a picture: give --init_image PICTURE too")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1] (the share of the grid's steps that run), got {args.strength}")
     if args.device:
         check_device(args.device)
     if args.model_path:
@@ -306,7 +317,7 @@ def run(args) -> int:
         image_path=args.image_path, model_path=args.model_path,
         total_num=args.total_num, batch_size=args.batch_size, seed=args.seed, device=device,
         backend=args.backend, compile=args.compile, dtype=args.dtype, nvtx=args.nvtx, image_grid=args.image_grid,
-        profile=args.profile,
+        profile=args.profile, init_image=args.init_image, strength=args.strength, mask=args.mask,
         progress=not args.no_progress))
     return 0
 

@@ -9,12 +9,14 @@ the host: no .item(), no .cpu(), no branch on data.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
 from .adapters import Caller
-from .lowering import Forward, Launch, Program
+from .lowering import Forward, Launch, Noise, Program
+from .plans import Threshold
 from .ops import bind
 from .profiling import nvtx_range
 
@@ -33,46 +35,61 @@ class PlanRunner:
 
         self.buffers = {name: buffer(state_dtype) for name in program.state}
         self.x = self.buffers["x"]
+        # The run's fresh noises (stochastic plans), all filled before the loop and bound below, in the run's layout.
+        self.draws = [buffer(state_dtype) for _ in range(program.draws)]
         self.trajectory = (torch.empty((len(program.steps) + 1, *shape), dtype=state_dtype, device=device)
                            if trajectory else None)
         # A stand-in for every slot while launches are checked once, here: the model's dtype and the run's layout.
         stand_in = buffer(model_dtype)
         # Which (operand list, index) pairs read the value each forward writes into a slot: resolved by walking the
         # program in order, since a slot name is reused (a history ring) and each read sees its latest forward.
+        # While `watch["on"]`, each forward leaves (its input, copied; t; its outputs) in watch["last"]: what a
+        # per-step callback needs for the data prediction. Off, a forward pays one dict lookup.
+        self.watch = {"on": False, "last": None}
         consumers: dict[str, list] = {}
+        drawn: dict[str, torch.Tensor] = {}  # noise buffer -> the draw it holds now
         self.program = []
         for step in program.steps:
             calls = []
             for op in step:
-                if isinstance(op, Forward):
+                if isinstance(op, Noise):
+                    drawn[op.dst] = self.draws[op.index]
+                elif isinstance(op, Threshold):
+                    calls.append(functools.partial(dynamic_threshold_, self.buffers[op.buf], op.ratio, op.max_value))
+                elif isinstance(op, Forward):
                     targets = [[] for _ in op.outputs]
                     for name, target in zip(op.outputs, targets):
                         consumers[name] = target
-                    calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx))
+                    calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx, self.watch))
                 else:
-                    calls.append(self._launch(op, consumers, stand_in, fused_op))
+                    calls.append(self._launch(op, consumers, drawn, stand_in, fused_op))
             self.program.append(calls)
 
-    def run(self, noise: torch.Tensor) -> None:
-        """Sample from `noise`; the result is left in `x` (and `trajectory`, when kept)."""
-        self.x.copy_(noise)
+    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None) -> None:
+        """Sample from `noise` (with the fresh `draws` a stochastic plan reads); the result is left in `x` (and
+        `trajectory`, when kept)."""
+        load_inputs(self, noise, draws)
         self.walk()
 
-    def walk(self) -> None:
-        """Run the whole program from the noise already in `x`."""
+    def walk(self, after_step: Callable[[int], None] | None = None) -> None:
+        """Run the whole program from the noise already in `x`; `after_step(i)` runs after step i (eager runs
+        only: blending a mask, a callback), before the trajectory keeps the state."""
         if self.trajectory is not None:
             self.trajectory[0].copy_(self.x)
         for i, step in enumerate(self.program):
             with nvtx_range(f"step {i}", self.nvtx):
                 for call in step:
                     call()
+            if after_step is not None:
+                after_step(i)
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
 
-    def _launch(self, op: Launch, consumers: dict, stand_in: torch.Tensor, fused_op: str) -> Callable[[], None]:
+    def _launch(self, op: Launch, consumers: dict, drawn: dict, stand_in: torch.Tensor,
+                fused_op: str) -> Callable[[], None]:
         b = self.buffers
-        operands = [b[n] if n in b else stand_in for n in op.operands]
-        slots = [j for j, n in enumerate(op.operands) if n not in b]
+        operands = [b[n] if n in b else drawn[n] if n in drawn else stand_in for n in op.operands]
+        slots = [j for j, n in enumerate(op.operands) if n not in b and n not in drawn]
         call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
                     out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=fused_op,
                     operands_change=bool(slots))
@@ -91,13 +108,34 @@ class PlanRunner:
         return run
 
 
-def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list], nvtx: bool) -> Callable[[], None]:
+def dynamic_threshold_(x: torch.Tensor, ratio: float, max_value: float) -> None:
+    """x <- Imagen's dynamic thresholding of x, per image, in place (no value leaves the device)."""
+    flat = x.reshape(x.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp_(min=1.0, max=max_value)
+    s = s.view(-1, *([1] * (x.dim() - 1)))
+    x.copy_(torch.minimum(torch.maximum(x, -s), s) / s)
+
+
+def load_inputs(runner, noise: torch.Tensor, draws: torch.Tensor | None) -> None:
+    """Copy the noise (and a stochastic plan's draws) into the runner's static buffers."""
+    given = 0 if draws is None else len(draws)
+    if given != len(runner.draws):
+        raise ValueError(f"the plan reads {len(runner.draws)} fresh noises, given {given}")
+    runner.x.copy_(noise)
+    for buffer, z in zip(runner.draws, draws if given else ()):
+        buffer.copy_(z)
+
+
+def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list], nvtx: bool,
+             watch: dict) -> Callable[[], None]:
     label = f"model t={op.t:g}"
     t = op.t
 
     def run() -> None:
         with nvtx_range(label, nvtx):
             outputs = caller(src, t)
+        if watch["on"]:
+            watch["last"] = (src.clone(), t, outputs)
         for out, target in zip(outputs, targets):
             for operands, j in target:
                 operands[j] = out
@@ -117,20 +155,22 @@ class GraphRunner:
         # Holding the runner holds every buffer the graph reads or writes: freed, the allocator would hand
         # their memory to other tensors while the graph still writes there on each replay.
         self.runner = runner
-        self.x, self.trajectory, self.caller = runner.x, runner.trajectory, runner.caller
+        self.x, self.draws, self.trajectory, self.caller = runner.x, runner.draws, runner.trajectory, runner.caller
         side = warmup_stream(runner.x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             runner.x.normal_()
+            for buffer in runner.draws:
+                buffer.normal_()
             runner.walk()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             runner.walk()
 
-    def run(self, noise: torch.Tensor) -> None:
-        """Sample from `noise` by replaying the graph; the result is left in `x` (and `trajectory`)."""
-        self.x.copy_(noise)
+    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None) -> None:
+        """Sample from `noise` (and `draws`) by replaying the graph; the result is left in `x` (and `trajectory`)."""
+        load_inputs(self, noise, draws)
         self.graph.replay()
 
 

@@ -97,6 +97,29 @@ def png_text(data: bytes) -> dict[str, str]:
     return text
 
 
+def load_picture(path: str, shape: tuple[int, int, int], what: str, mask: bool = False) -> torch.Tensor:
+    """A picture file (any format Pillow reads) as a (1, C, H, W) float32 tensor for `shape` = (C, H, W): resized
+    to the model's size, in [-1, 1] (an image), or 1 where it is light, 0 where dark, one channel (a mask: white
+    repaints). UserError, one line, when it cannot be read."""
+    from .errors import UserError
+
+    channels, height, width = shape
+    try:
+        with Image.open(path) as picture:
+            picture = picture.convert("L" if mask or channels == 1 else "RGB")
+            if picture.size != (width, height):
+                picture = picture.resize((width, height), Image.NEAREST if mask else Image.LANCZOS)
+            pixels = np.asarray(picture, dtype=np.float32)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"{what} {path} is not a picture Pillow can read ({type(err).__name__})") from None
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if mask:
+        return torch.from_numpy((pixels >= 128).astype(np.float32)).permute(2, 0, 1)[None]
+    return torch.from_numpy(pixels / 127.5 - 1).permute(2, 0, 1)[None]
+
+
 def read_png(path: str, shape: tuple[int, int, int]) -> tuple[np.ndarray, dict[str, str]] | None:
     """The (H, W, C) uint8 pixels and the tEXt chunks of the PNG at `path`, or None when it is absent, cut
     short, damaged, or not a `shape` = (C, H, W) image in this module's modes (L for C = 1, RGB for C = 3)."""

@@ -44,6 +44,12 @@ class Level:
         return cls.of(1.0 / (1.0 + math.exp(-2.0 * lam)))
 
 
+def alpha_ratio_minus_one(a: Level, b: Level) -> float:
+    """alpha_b / alpha_a - 1 = (ac_b - ac_a) / (alpha_a (alpha_a + alpha_b)), without the cancellation of the
+    ratio minus one (steps near the data change alpha by ~1e-4)."""
+    return (b.ac - a.ac) / (a.alpha * (a.alpha + b.alpha))
+
+
 def tensor_levels(ac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(alpha, sigma, lambda) of a 0-d tensor level, in its dtype; lambda = inf at ac = 1."""
     alpha, sigma = ac.sqrt(), (1 - ac).sqrt()

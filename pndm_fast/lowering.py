@@ -22,7 +22,7 @@ from typing import Union
 
 from .adapters import Denoiser
 from .ops import MAX_OPERANDS
-from .plans import STATE, Expr, ModelCall, OnePlus, Plan
+from .plans import STATE, Draw, Expr, ModelCall, OnePlus, Plan, Threshold
 from .schedule import Schedule
 
 
@@ -61,7 +61,18 @@ class Launch:
         return text + (f";  {self.out2} = {terms(self.keep2, self.weights2)}" if self.out2 else "")
 
 
-Op = Union[Forward, Launch]
+@dataclass(frozen=True)
+class Noise:
+    """dst <- the run's draw `index`: a slice of the runner's noise tensor, bound before the loop (no work)."""
+
+    dst: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.dst} = draw {self.index}"
+
+
+Op = Union[Forward, Launch, Noise, Threshold]  # a plan's Threshold runs as it is
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,7 @@ class Program:
     state: tuple[str, ...]
     slots: tuple[str, ...]
     times: tuple[float, ...]
+    draws: int = 0
 
     @property
     def launches(self) -> int:
@@ -110,7 +122,7 @@ def lower(plan: Plan, denoiser: Denoiser, schedule: Schedule) -> Program:
     i = 0
     while i < len(live):
         op, step = live[i], live_steps[i]
-        if isinstance(op, Forward):
+        if isinstance(op, (Forward, Noise, Threshold)):
             steps[step].append(op)
             i += 1
             continue
@@ -127,12 +139,16 @@ def lower(plan: Plan, denoiser: Denoiser, schedule: Schedule) -> Program:
     buffers = tuple(n for n in dict.fromkeys(["x", *(name for name, _ in plan.buffers), *sorted(state)])
                     if n in state and (n in used or n == "x"))
     times = tuple(dict.fromkeys(op.t for step in steps for op in step if isinstance(op, Forward)))
-    return Program(plan.method, tuple(tuple(s) for s in steps), buffers, slots, times)
+    return Program(plan.method, tuple(tuple(s) for s in steps), buffers, slots, times, plan.draws)
 
 
 def _names(op: Op) -> tuple[str, ...]:
     if isinstance(op, Forward):
         return (op.src, *op.outputs)
+    if isinstance(op, Noise):
+        return (op.dst,)
+    if isinstance(op, Threshold):
+        return (op.buf,)
     return (op.out, op.base, *op.operands) + ((op.out2,) if op.out2 else ())
 
 
@@ -142,7 +158,13 @@ def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
     ops, step_of = [], []
     for index, step in enumerate(plan.steps):
         for entry in step:
-            if isinstance(entry, ModelCall) and plain:
+            if isinstance(entry, Draw):
+                ops.append(Noise(entry.dst, sum(isinstance(op, Noise) for op in ops)))
+                step_of.append(index)
+            elif isinstance(entry, Threshold):
+                ops.append(entry)
+                step_of.append(index)
+            elif isinstance(entry, ModelCall) and plain:
                 ops.append(Forward(entry.src, entry.t, (entry.dst,)))
                 step_of.append(index)
             elif isinstance(entry, ModelCall):
@@ -159,11 +181,13 @@ def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
 
 
 def _writes(op) -> tuple[str, ...]:
-    return op.outputs if isinstance(op, Forward) else (op.out,)
+    if isinstance(op, Forward):
+        return op.outputs
+    return (op.dst,) if isinstance(op, Noise) else (op.buf,) if isinstance(op, Threshold) else (op.out,)
 
 
 def _reads(op) -> tuple[str, ...]:
-    return (op.src,) if isinstance(op, Forward) else op.reads()
+    return (op.src,) if isinstance(op, Forward) else () if isinstance(op, Noise) else op.reads()
 
 
 def _substitute(ops: list, step_of: list, state: set) -> None:

@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from . import multistep, multistep_reference, reference, solvers
+from . import multistep, multistep_reference, reference, solvers, stochastic_reference
 from .errors import UserError
 from .grids import TimeGrid, make_grid
 from .multistep_reference import float64_reference
@@ -22,6 +22,25 @@ from .schedule import Schedule
 
 def one_call_per_step(steps: int) -> int:
     return steps
+
+
+@dataclass(frozen=True)
+class Real:
+    """An option that takes any number in [low, high] (e.g. DDIM's eta), not a list of values; the tuner, which
+    tries every listed value, leaves it at its default."""
+
+    low: float
+    high: float
+
+    def parse(self, text: str) -> float | None:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return value if self.low <= value <= self.high else None
+
+    def __str__(self) -> str:
+        return f"a number in [{self.low:g}, {self.high:g}]"
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +62,7 @@ class Method:
     options: dict = field(default_factory=dict)  # option -> (default, accepted values...)
     settings: dict = field(default_factory=dict)  # the options' values this record runs with (default: defaults)
     reference_float64: bool = False  # the reference computes in float64 whatever the noise's dtype
+    stochastic: bool = False  # its plans draw fresh noise (`Draw`): a sampler of the SDE, not a solver of the ODE
 
     def __post_init__(self):
         object.__setattr__(self, "settings", {k: v[0] for k, v in self.options.items()} | self.settings)
@@ -53,8 +73,11 @@ class Method:
             raise UserError(f"{self.name} needs at least {self.min_steps} steps, the grid has {grid.steps}")
         return replace(self.build(grid, **self.settings), method=self.name)
 
-    def run_reference(self, m, x, grid: TimeGrid) -> list:
-        """The reference's states [x_0, ..., x_S] from the noise x, with this record's settings."""
+    def run_reference(self, m, x, grid: TimeGrid, draws=None) -> list:
+        """The reference's states [x_0, ..., x_S] from the noise x, with this record's settings; a stochastic
+        method reads the fresh noises `draws` (its plan's draws, in order)."""
+        if draws is not None:
+            return self.reference(m, x, grid, draws=draws, **self.settings)
         return self.reference(m, x, grid, **self.settings)
 
     def configured(self, chosen: dict) -> Method:
@@ -66,10 +89,14 @@ class Method:
             raise UserError(f"{self.name} has no option {unknown[0]!r}: it takes {takes}")
         values = {}
         for key, text in chosen.items():
-            spelled = {_spell(v): v for v in self.options[key]}
-            if text.lower() not in spelled:
-                raise UserError(f"{self.name} option {key}={text} is not one of {', '.join(spelled)}")
-            values[key] = spelled[text.lower()]
+            spelled = {_spell(v): v for v in self.options[key] if not isinstance(v, Real)}
+            ranges = [v for v in self.options[key] if isinstance(v, Real)]
+            value = spelled.get(text.lower(), next((r.parse(text) for r in ranges if r.parse(text) is not None),
+                                                   None))
+            if value is None:
+                raise UserError(f"{self.name} option {key}={text} is not one of "
+                                f"{', '.join([*spelled, *map(str, ranges)])}")
+            values[key] = value
         changed = {k: values[k] for k in self.options if k in values and values[k] != self.options[k][0]}
         if not changed:
             return self
@@ -79,7 +106,7 @@ class Method:
 
 
 def _spell(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 METHODS: dict[str, Method] = {}
@@ -160,11 +187,15 @@ def _fon_calls(steps: int) -> int:
 
 LOWER_FINAL = {"lower_order_final": (True, False)}  # the last steps use no more points than steps remain
 FULL_FINAL = {"lower_order_final": (False, True)}
+THRESHOLD = {"threshold": (0.0, Real(0.0, 1.0)), "max_value": (1.0, Real(1.0, 1e9))}
+"""Dynamic thresholding of the data prediction (the data-prediction methods): threshold = the quantile ratio (0
+off; diffusers' default 0.995), max_value its upper bound (threshold=1,max_value=1 clips x0 to [-1, 1])."""
 
 
 for _method in (
     Method("DDIM", solvers.ddim_plan, reference.ddim, 1,
-           "DDIM (Song et al. 2021): the transfer step with the model's eps, one call per step"),
+           "DDIM (Song et al. 2021): the transfer step with the model's eps, one call per step; eta > 0 adds fresh "
+           "noise (eta = 1: the DDPM posterior)", options={"eta": (0.0, Real(0.0, 1.0))}),
     Method("S-PNDM", solvers.s_pndm_plan, reference.s_pndm, 2,
            "the paper's second-order pseudo linear multistep, improved Euler start", lambda s: s + 1),
     Method("F-PNDM", solvers.f_pndm_plan, reference.f_pndm, 4,
@@ -177,11 +208,11 @@ for _method in (
     Method("DPM-Solver++2M", functools.partial(multistep.dpm_solver_pp_plan, order=2),
            functools.partial(float64_reference(multistep_reference.dpm_solver_pp), order=2), 2,
            "DPM-Solver++(2M) (Lu et al. 2022): second-order multistep on the data prediction, in log-SNR",
-           options=FULL_FINAL, reference_float64=True),
+           options={**FULL_FINAL, **THRESHOLD}, reference_float64=True),
     Method("DPM-Solver++3M", functools.partial(multistep.dpm_solver_pp_plan, order=3),
            functools.partial(float64_reference(multistep_reference.dpm_solver_pp), order=3), 3,
            "DPM-Solver++(3M) (Lu et al. 2022) as published and in diffusers: third-order multistep on the data "
-           "prediction, lower-order final steps", options=LOWER_FINAL, reference_float64=True),
+           "prediction, lower-order final steps", options={**LOWER_FINAL, **THRESHOLD}, reference_float64=True),
     Method("PNDM-exact", multistep.pndm_exact_plan, float64_reference(multistep_reference.eps_lagrange), 4,
            "PNDM's pseudo linear multistep with exact weights on any grid: the Lagrange basis (in log-SNR by "
            "default) integrated over the true step, order ramping 1 to 4, one call per step",
@@ -194,8 +225,18 @@ for _method in (
     *(Method(f"UniPC-{variant}", functools.partial(multistep.unipc_plan, variant=variant),
              functools.partial(float64_reference(multistep_reference.unipc), variant=variant), 3,
              f"UniPC (Zhao et al. 2023), B(h) = {bh}, order 3 (option: 2): UniP predictor with the UniC corrector "
-             "folded into the next step's combination (no extra model call)", options={"order": (3, 2), **LOWER_FINAL},
+             "folded into the next step's combination (no extra model call)",
+             options={"order": (3, 2), **LOWER_FINAL, **THRESHOLD},
              reference_float64=True)
       for variant, bh in (("bh1", "h"), ("bh2", "e^h - 1"))),
+    Method("Euler-a", solvers.euler_ancestral_plan, float64_reference(stochastic_reference.euler_ancestral), 1,
+           "Euler ancestral (k-diffusion; diffusers' EulerAncestralDiscreteScheduler): an Euler step down to "
+           "rho_down and fresh noise up to the next level, one call per step", stochastic=True,
+           options={"eta": (1.0, Real(0.0, 1.0)), "s_noise": (1.0, Real(0.0, 2.0))}, reference_float64=True),
+    Method("DPM-Solver++2M-SDE", multistep.sde_dpm_solver_pp_plan,
+           float64_reference(stochastic_reference.sde_dpm_solver_pp), 1,
+           "SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' algorithm_type sde-dpmsolver++, midpoint): the data "
+           "prediction solver of the reverse SDE, fresh noise each step (option order=1: the first-order one)",
+           stochastic=True, options={"order": (2, 1), **LOWER_FINAL, **THRESHOLD}, reference_float64=True),
 ):
     register_method(_method)

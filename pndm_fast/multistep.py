@@ -11,6 +11,7 @@ its `updates` (name -> `Update`) as one linear combination of named inputs:
   "Dk" the model prediction k calls ago, in the method's own prediction type (eps, or x0 for the data-prediction
        solvers):
        D0 the newest (made at level ac_i), D1 the one before (level ac_{i-1}), ...
+  "Z"  a fresh standard Gaussian draw (the stochastic samplers; drawn once per step that weighs it);
 `Update.weights` maps those names to float64 weights; `Update.x_minus_one` is weights["x"] - 1 computed without
 cancellation (steps near the data move x by ~1e-4 of itself, which float32 would lose as 1 + delta).
 Every step writes "x_next" (the state at level ac_{i+1}).
@@ -51,9 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
-from .levels import Level
+from .levels import Level, alpha_ratio_minus_one
 from .plans import EPS as EPS_BUFFER
-from .plans import STATE, Expr, Lin, ModelCall, OnePlus, Plan, Ring, var
+from .plans import NOISE, STATE, Draw, Expr, Lin, ModelCall, OnePlus, Plan, Ring, Threshold, var
 
 X0, EPS = "x0", "eps"
 BASES = ("rho", "lambda", "log_sigma")
@@ -103,11 +104,6 @@ def _sigma_ratio_minus_one(a: Level, b: Level) -> float:
     """sigma_b / sigma_a - 1 = (sigma_b - sigma_a) / sigma_a with sigma_b - sigma_a = (ac_a - ac_b) / (sigma_a +
     sigma_b): the level difference is taken once, from the inputs."""
     return (a.ac - b.ac) / (a.sigma + b.sigma) / a.sigma
-
-
-def _alpha_ratio_minus_one(a: Level, b: Level) -> float:
-    """alpha_b / alpha_a - 1 = (ac_b - ac_a) / (alpha_a (alpha_a + alpha_b))."""
-    return (b.ac - a.ac) / (a.alpha * (a.alpha + b.alpha))
 
 
 def _update(weights: dict, x_minus_one: float) -> Update:
@@ -179,6 +175,32 @@ def dpm_solver_pp(grid, order: int = 3, lower_order_final: bool = True, exact_th
                 w["D1"] = -on_d10 / r0 + on_d11 / r1
                 w["D2"] = -on_d11 / r1
         steps.append(Step(p, {"x_next": _update(w, _sigma_ratio_minus_one(a, b))}))
+    return steps
+
+
+def sde_dpm_solver_pp(grid, order: int = 2, lower_order_final: bool = True) -> list[Step]:
+    """SDE-DPM-Solver++ (1 and 2M, Lu et al. 2022, DPM-Solver++ appendix; diffusers' "sde-dpmsolver++" with the
+    midpoint solver type): with e = exp(-h),
+    x_next = (sigma_n / sigma) e x + alpha_n (1 - e^2) D + sigma_n sqrt(1 - e^2) z, z fresh noise, and
+    D = D0 (order 1) or D0 + (D0 - D1) / (2 r0) (order 2). Weight "Z" is the noise's."""
+    levels = levels_of(grid)
+    order = _check_order(order, 2)
+    num = len(levels) - 1
+    steps = []
+    for i, p in enumerate(_orders(num, order, lower_order_final)):
+        a, b = levels[i], levels[i + 1]
+        if b.sigma == 0:  # e = 0: x_next = x0, no noise
+            steps.append(Step(1, {"x_next": _update({"x": 0.0, "D0": 1.0}, -1.0)}))
+            continue
+        h = b.lam - a.lam
+        keep = -math.expm1(-2 * h)  # 1 - e^2
+        log_x = math.log1p(_sigma_ratio_minus_one(a, b)) - h
+        w = {"x": math.exp(log_x), "D0": b.alpha * keep, "Z": b.sigma * math.sqrt(keep)}
+        if p == 2:
+            r0 = (a.lam - levels[i - 1].lam) / h
+            w["D0"] += b.alpha * keep / (2 * r0)
+            w["D1"] = -b.alpha * keep / (2 * r0)
+        steps.append(Step(p, {"x_next": _update(w, math.expm1(log_x))}))
     return steps
 
 
@@ -357,7 +379,7 @@ def _eps_lagrange(grid, order: int, basis: str, lower_order_final: bool, top: in
         # order 1: int d rho = rho_n - rho = (sigma_n alpha - sigma alpha_n) / (alpha alpha_n), exact for all bases
         w = np.array([n.rho - a.rho]) if p == 1 else _WEIGHTS[basis](levels, i, p)
         weights = {"x": n.alpha / a.alpha, **{f"D{j}": n.alpha * w[j] for j in range(p)}}
-        steps.append(Step(p, {"x_next": _update(weights, _alpha_ratio_minus_one(a, n))}))
+        steps.append(Step(p, {"x_next": _update(weights, alpha_ratio_minus_one(a, n))}))
     return steps
 
 
@@ -374,12 +396,14 @@ def pndm_exact(grid, order: int = 4, basis: str = "lambda",
 
 # ---------------------------------------------------------------- plans
 
-def linear_multistep_plan(grid, steps: list[Step], prediction: str) -> Plan:
+def linear_multistep_plan(grid, steps: list[Step], prediction: str, threshold: float = 0.0,
+                          max_value: float = 1.0) -> Plan:
     """The plan that runs `steps` (weights over the state and the last predictions) on the TimeGrid `grid`.
 
     A data prediction is stored as x0 = (x - sigma e) / alpha, written in the same pass as the state update that
     first reads it; a corrector's state ("x_corrected", UniPC) lives in buffer "xc", so the corrector is folded
-    into the next step's combinations and costs no model call."""
+    into the next step's combinations and costs no model call. `threshold` > 0 thresholds each data prediction
+    (quantile `threshold`, at most `max_value`: `Threshold`) before anything reads it."""
     corrected = any("x_corrected" in step.updates for step in steps)
     ring = Ring("d", max(step.order for step in steps) + (1 if corrected else 0))
     x, plan_steps = var("x"), []
@@ -390,13 +414,19 @@ def linear_multistep_plan(grid, steps: list[Step], prediction: str) -> Plan:
         else:
             level = Level.of(grid.level(t))
             entries = [ModelCall("x", t, "e"), Lin(new, (1 / level.alpha) * x - (level.sigma / level.alpha) * var("e"))]
-        names = {"x": "xc" if corrected and i > 0 else "x", **{f"D{k}": ring[-1 - k] for k in range(len(ring))}}
+            if threshold:
+                entries.append(Threshold(new, threshold, max_value))
+        names = {"x": "xc" if corrected and i > 0 else "x", "Z": "z",
+                 **{f"D{k}": ring[-1 - k] for k in range(len(ring))}}
 
         def combination(update: Update) -> Expr:
             total = Expr()
             for name, w in update.weights.items():
                 total = total + (OnePlus(update.x_minus_one) if name == "x" else w) * var(names[name])
             return total
+
+        if any(w for update in step.updates.values() for name, w in update.weights.items() if name == "Z"):
+            entries.append(Draw("z"))  # a fresh noise for this step, weight "Z"
 
         if corrected and i == 0:  # the start state is the first corrected state: kept beside the new x
             entries += [Lin("xc", x), Lin("x", combination(step.updates["x_next"]))]
@@ -407,8 +437,10 @@ def linear_multistep_plan(grid, steps: list[Step], prediction: str) -> Plan:
             entries.append(Lin("x", combination(step.updates["x_next"])))
         plan_steps.append(tuple(entries))
     kind = EPS_BUFFER if prediction == EPS else STATE
+    drawn = any("Z" in u.weights for step in steps for u in step.updates.values())
     buffers = (("x", STATE),) + ((("xc", STATE),) if corrected else ()) + (
-        (("e", EPS_BUFFER),) if prediction != EPS else ()) + tuple((n, kind) for n in ring.names)
+        (("e", EPS_BUFFER),) if prediction != EPS else ()) + tuple((n, kind) for n in ring.names) + (
+        (("z", NOISE),) if drawn else ())
     return Plan("", tuple(plan_steps), buffers, grid.times, grid.name)
 
 
@@ -416,12 +448,22 @@ def _levels(grid) -> list[float]:
     return [grid.level(t) for t in grid.times]
 
 
-def dpm_solver_pp_plan(grid, order: int = 3, lower_order_final: bool = True) -> Plan:
-    return linear_multistep_plan(grid, dpm_solver_pp(_levels(grid), order, lower_order_final), X0)
+def dpm_solver_pp_plan(grid, order: int = 3, lower_order_final: bool = True, threshold: float = 0.0,
+                       max_value: float = 1.0) -> Plan:
+    return linear_multistep_plan(grid, dpm_solver_pp(_levels(grid), order, lower_order_final), X0,
+                                 threshold, max_value)
 
 
-def unipc_plan(grid, variant: str = "bh2", order: int = 3, lower_order_final: bool = True) -> Plan:
-    return linear_multistep_plan(grid, unipc(_levels(grid), order, variant, lower_order_final), X0)
+def sde_dpm_solver_pp_plan(grid, order: int = 2, lower_order_final: bool = True, threshold: float = 0.0,
+                           max_value: float = 1.0) -> Plan:
+    return linear_multistep_plan(grid, sde_dpm_solver_pp(_levels(grid), order, lower_order_final), X0,
+                                 threshold, max_value)
+
+
+def unipc_plan(grid, variant: str = "bh2", order: int = 3, lower_order_final: bool = True, threshold: float = 0.0,
+               max_value: float = 1.0) -> Plan:
+    return linear_multistep_plan(grid, unipc(_levels(grid), order, variant, lower_order_final), X0,
+                                 threshold, max_value)
 
 
 def deis_plan(grid, order: int = 3, lower_order_final: bool = True) -> Plan:

@@ -24,16 +24,32 @@ def float64_reference(solver):
     """reference(m, x, grid, **options): `solver` in float64 on the grid's levels; the model sees x in the
     noise's dtype and the states come back in it."""
     @functools.wraps(solver)
-    def run(m, x, grid, **options):
+    def run(m, x, grid, threshold: float = 0.0, max_value: float = 1.0, **options):
         dtype = x.dtype
+        if options.get("draws") is not None:  # a stochastic sampler's fresh noises
+            options["draws"] = [z.double() for z in options["draws"]]
 
         def m64(state, t):
-            return m(state.to(dtype), t).double()
+            eps = m(state.to(dtype), t).double()
+            if not threshold:
+                return eps
+            # the model as the solver sees it: its data prediction thresholded, read back as eps
+            alpha, sigma, _ = tensor_levels(torch.tensor(grid.level(t), dtype=torch.float64))
+            x0 = dynamic_threshold((state - sigma * eps) / alpha, threshold, max_value)
+            return (state - alpha * x0) / sigma
 
         acs = [torch.tensor(grid.level(t), dtype=torch.float64) for t in grid.times]
         return [s.to(dtype) for s in solver(m64, x.double(), grid.times, acs, **options)]
 
     return run
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, section 2.3) of a data prediction, per image: s the
+    `ratio` percentile of |x0|, at least 1 and at most `max_value`; x0 clipped to [-s, s] and divided by s."""
+    s = torch.stack([torch.quantile(image.abs().flatten(), ratio) for image in x0])
+    s = s.clamp(min=1.0, max=max_value).view(-1, *([1] * (x0.dim() - 1)))
+    return x0.clamp(-s, s) / s
 
 
 def _order(i: int, num: int, order: int, lower_order_final: bool) -> int:

@@ -3,7 +3,9 @@
 A plan is a fixed list of steps over named, typed buffers. Each step is a short tuple of entries:
 - `ModelCall(src, t, dst)`: dst <- the eps the model predicts for buffer src at (possibly fractional) time t;
 - `Lin(out, expr)`: out <- a linear combination of buffers with float64 coefficients, e.g.
-  `Lin("x", A * var("x") + B * var("e"))`.
+  `Lin("x", A * var("x") + B * var("e"))`;
+- `Draw(dst)`: dst <- fresh standard Gaussian noise (the stochastic samplers); the run's k-th draw is the same
+  tensor on every backend (image i's depends on (seed, i, k) only: `pndm_fast.noise.step_noise`).
 Builders compose expressions with + and scalar *, freely: `lowering.py` turns a plan into fused-op launches (the
 x + (A - 1) x form, second outputs, operand limits, buffer dtypes), so a builder never folds algebra into the
 kernel's argument list. Which history slot holds which past value is resolved while building, so a plan has no
@@ -20,6 +22,8 @@ STATE = "state"
 of combinations. Every `Lin` writes a state buffer."""
 EPS = "eps"
 """Buffer kind holding a model call's eps, in the model's dtype (the fused kernel reads bf16/fp16 directly)."""
+NOISE = "noise"
+"""Buffer kind holding a fresh Gaussian draw (`Draw`), in the state's dtype; combinations read it as an operand."""
 
 
 class OnePlus(float):
@@ -134,7 +138,37 @@ class Lin:
         return f"{self.out} = {self.expr}"
 
 
-Entry = Union[ModelCall, Lin]
+@dataclass(frozen=True)
+class Draw:
+    """dst = fresh N(0, I) noise, one draw per image: the plan's k-th Draw reads the run's draw k."""
+
+    dst: str
+
+    def reads(self) -> tuple[str, ...]:
+        return ()
+
+    def __str__(self) -> str:
+        return f"{self.dst} = N(0, I)"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """buf = Imagen's dynamic thresholding of the data prediction in buf, per image: s = the `ratio` quantile of
+    |buf|, clamped to [1, max_value]; buf = clamp(buf, -s, s) / s (ratio 1 with max_value 1 is plain clipping to
+    [-1, 1]). The one pointwise step a plan may hold: it reads and writes a state buffer in place."""
+
+    buf: str
+    ratio: float
+    max_value: float
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.buf,)
+
+    def __str__(self) -> str:
+        return f"{self.buf} = threshold({self.buf}, quantile {self.ratio:g}, max {self.max_value:g})"
+
+
+Entry = Union[ModelCall, Lin, Draw, Threshold]
 
 
 class PlanError(ValueError):
@@ -164,6 +198,11 @@ class Plan:
     def model_calls(self) -> int:
         return sum(isinstance(e, ModelCall) for step in self.steps for e in step)
 
+    @property
+    def draws(self) -> int:
+        """Fresh noises a run reads (0 for an ODE solver): one (B, C, H, W) tensor each."""
+        return sum(isinstance(e, Draw) for step in self.steps for e in step)
+
     def __str__(self) -> str:
         lines = [f"{self.method} on the {self.grid or 'given'} grid: {len(self.steps)} steps, {self.model_calls} "
                  "model calls, buffers " + ", ".join(f"{n}:{k}" for n, k in self.buffers)]
@@ -179,8 +218,9 @@ def validate(plan: Plan) -> None:
     combination writes a state buffer from at least one state buffer."""
     kinds: dict[str, str] = {}
     for name, kind in plan.buffers:
-        if kind not in (STATE, EPS):
-            raise PlanError(f"{plan.method}: buffer {name!r} has kind {kind!r}; expected {STATE!r} or {EPS!r}")
+        if kind not in (STATE, EPS, NOISE):
+            raise PlanError(f"{plan.method}: buffer {name!r} has kind {kind!r}; expected {STATE!r}, {EPS!r} or "
+                            f"{NOISE!r}")
         if name in kinds:
             raise PlanError(f"{plan.method}: buffer {name!r} is declared twice")
         kinds[name] = kind
@@ -190,15 +230,25 @@ def validate(plan: Plan) -> None:
     for i, step in enumerate(plan.steps):
         for entry in step:
             where = f"{plan.method}, step {i}, `{entry}`"
-            if not isinstance(entry, (ModelCall, Lin)):
-                raise PlanError(f"{where}: a step holds ModelCall and Lin entries, not {type(entry).__name__}")
-            for name in entry.reads() + (entry.dst if isinstance(entry, ModelCall) else entry.out,):
+            if not isinstance(entry, (ModelCall, Lin, Draw, Threshold)):
+                raise PlanError(f"{where}: a step holds ModelCall, Lin, Draw and Threshold entries, not "
+                                f"{type(entry).__name__}")
+            wrote = entry.out if isinstance(entry, Lin) else entry.buf if isinstance(entry, Threshold) else entry.dst
+            for name in entry.reads() + (wrote,):
                 if name not in kinds:
                     raise PlanError(f"{where}: buffer {name!r} is not declared (declared: {', '.join(kinds)})")
             missing = [name for name in entry.reads() if name not in written]
             if missing:
                 raise PlanError(f"{where}: reads {', '.join(missing)} before anything wrote it")
-            if isinstance(entry, ModelCall):
+            if isinstance(entry, Threshold):
+                if kinds[entry.buf] != STATE:
+                    raise PlanError(f"{where}: thresholding works on a state buffer, not {entry.buf!r}")
+            elif isinstance(entry, Draw):
+                if kinds[entry.dst] != NOISE:
+                    raise PlanError(f"{where}: a draw writes a noise buffer, not the {kinds[entry.dst]} buffer "
+                                    f"{entry.dst!r}")
+                written.add(entry.dst)
+            elif isinstance(entry, ModelCall):
                 if kinds[entry.src] != STATE or kinds[entry.dst] != EPS:
                     raise PlanError(f"{where}: a model call reads a state buffer and writes an eps buffer")
                 written.add(entry.dst)

@@ -42,10 +42,21 @@ def transfer(x: torch.Tensor, t: float, t_next: float, e: torch.Tensor, level: L
     return x + (a_next - a) * (x_coef * x - e_coef * e)
 
 
-def ddim(m: EpsModel, x: torch.Tensor, grid: TimeGrid) -> list[torch.Tensor]:
+def ddim(m: EpsModel, x: torch.Tensor, grid: TimeGrid, eta: float = 0.0, draws=None) -> list[torch.Tensor]:
+    """DDIM; with eta > 0 Song et al. 2021, eq. 12: x' = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z with
+    s = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a'), reading the next of `draws` wherever s > 0."""
     level, xs = grid_level(grid, x), [x]
+    fresh = iter(draws if draws is not None else ())
     for t, t_next in grid.pairs:
-        xs.append(transfer(xs[-1], t, t_next, m(xs[-1], t), level))
+        e = m(xs[-1], t)
+        if eta == 0:
+            xs.append(transfer(xs[-1], t, t_next, e, level))
+            continue
+        a, a_next = level(t), level(t_next)
+        x0 = (xs[-1] - (1 - a).sqrt() * e) / a.sqrt()
+        s = eta * ((1 - a_next) / (1 - a)).sqrt() * (1 - a / a_next).sqrt()
+        x_next = a_next.sqrt() * x0 + (1 - a_next - s**2).clamp(min=0).sqrt() * e
+        xs.append(x_next + s * next(fresh) if s > 0 else x_next)
     return xs
 
 

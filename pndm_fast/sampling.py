@@ -12,7 +12,8 @@ import torch
 
 from . import auto
 from .adapters import Denoiser, as_denoiser
-from .engine import GraphRunner, PlanRunner
+from .editing import AfterStep, check_image, eps_evaluator, noised, strength_grid
+from .engine import GraphRunner, PlanRunner, load_inputs
 from .errors import UserError
 from .grids import TimeGrid, make_grid
 from .levels import eps_weights
@@ -20,6 +21,7 @@ from .lowering import lower
 from .ops import available_impls
 from .methods import Method, as_method, check_budget, fit_grid
 from .models import input_problem
+from .noise import check_seed, step_noise
 from .plans import Plan
 from .profiling import nvtx_enabled
 from .schedule import Schedule
@@ -173,8 +175,9 @@ def model_dtype_of(model, noise_dtype: torch.dtype = torch.float32) -> torch.dty
 
 def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", sample_step: int | None = None,
            backend: str = "auto", return_trajectory: bool = False, *, timesteps="uniform", end: str | None = None,
-           model_calls: int | None = None, profile=None, compile: bool = False, nvtx: bool | None = None,
-           channels_last: bool = False, check_finite: bool = True) -> torch.Tensor:
+           model_calls: int | None = None, profile=None, seed: int = 0, indices=None, init_image=None,
+           strength: float | None = None, mask=None, callback=None, progress: bool = False, compile: bool = False,
+           nvtx: bool | None = None, channels_last: bool = False, check_finite: bool = True) -> torch.Tensor:
     """Sample from `noise` (B, C, H, W) with `method` in `sample_step` steps (default 50) of the grid `timesteps`.
 
     `model` is a network called as model(x, t) returning eps, or a `Denoiser` (x0/v prediction, conditioning,
@@ -185,6 +188,16 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     `sample_step` fits the steps to a budget of N model calls; `method="auto"` then runs the choice of `profile`
     (a `pndm_fast.tune` result made for this model; the bundled models' own by default), else the method and grid
     the accuracy study measured most accurate for it (pndm_fast/auto.py). `backend`: one of `BACKENDS`.
+    A stochastic method ("Euler-a", "DDIM:eta=1", ...) draws fresh noise per step: image `indices[i]`'s k-th draw
+    depends on (`seed`, indices[i], k) only (pndm_fast/noise.py), so the image does not depend on the batch it
+    is in, and a run is a function of its arguments like every other; `indices` default to 0 .. B - 1.
+
+    Editing (pndm_fast/editing.py, diffusers' conventions): `init_image` (shaped like the noise) with `strength`
+    s in (0, 1] runs the last floor(S s) steps of the grid from the image noised to their first level; `mask`
+    (1: repaint, 0: keep; broadcast to the noise) blends the kept pixels back at each step's level.
+    `callback(step, t, x, x0_pred)` runs after every step with the state at time t (x may be changed in place)
+    and the data prediction of the step's last model call; `progress=True` shows a bar of steps. The mask, the
+    callback and the bar run on the eager plan backends (torch, fused, cpp, triton).
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
@@ -203,6 +216,18 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     check_inputs(denoiser, noise, check_finite)
     backend = resolve_backend(backend, noise.device)
+    start, watched = noise, mask is not None or callback is not None or progress
+    if init_image is not None or strength is not None or mask is not None:
+        grid, plan, start, init_image, mask = edited(record, grid, noise, init_image, strength, mask)
+    if watched and backend in ("reference", "graph"):
+        raise UserError(f"a mask, a callback and progress run between the steps of a plan: backend {backend!r} "
+                        "has no such place; use backend fused (or torch)")
+    if callback is not None and not callable(callback):
+        raise UserError(f"callback must be callable as callback(step, t, x, x0_pred), got {type(callback).__name__}")
+    draws = None
+    if plan.draws:
+        seed, indices = check_seed(seed, noise.shape[0], indices)
+        draws = step_noise(seed, indices, plan.draws, tuple(noise.shape[1:]))
     module = denoiser.module
     if compile and module is not None:
         compiled(module)
@@ -214,20 +239,48 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             # The methods' formulas are written for float32 or float64: in float16 the alpha table loses its last
             # steps (ac ~ 4e-5 is subnormal there) and the run ends in NaN. Half noise runs in float32, exactly
             # like the fast backends' float32 state, and comes back in its own dtype.
-            state = noise.float() if noise.dtype in (torch.float16, torch.bfloat16) else noise
-            states = record.run_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid)
+            state = start.float() if start.dtype in (torch.float16, torch.bfloat16) else start
+            states = record.run_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid,
+                                          None if draws is None else draws.to(state))
             return (torch.stack(states) if return_trajectory else states[-1]).to(noise.dtype)
         owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
                                       nvtx_enabled(nvtx), channels_last)
+        after = None
         try:
             runner.caller.load(denoiser)
-            runner.run(noise)
+            draws = None if draws is None else draws.to(runner.x.device, non_blocking=True)
+            if watched:
+                level = grid.level if grid is not None else schedule.alpha
+                after = AfterStep(runner, plan.times, level, mask, init_image, noise, callback,
+                                  eps_evaluator(denoiser, schedule), progress)
+                load_inputs(runner, start, draws)
+                runner.walk(after)
+            else:
+                runner.run(start, draws)
             out = runner.trajectory if return_trajectory else runner.x
             result = out.to(noise.dtype, copy=True)
         finally:
             runner.caller.release()
+            if after is not None:
+                after.close()
         checkin(owner, key, runner)
         return result
+
+
+def edited(record, grid, noise, init_image, strength, mask):
+    """(grid, plan, start state, mask) of an img2img or inpainting run (pndm_fast/editing.py)."""
+    if grid is None:
+        raise UserError("init_image, strength and mask cut and blend a method's grid: a Plan given whole has none")
+    if init_image is None:
+        raise UserError("strength and mask edit an image: give init_image= too")
+    init_image = check_image(init_image, noise, "init_image")
+    if mask is not None:
+        mask = check_image(mask, noise, "mask")
+    if strength is not None or mask is None:
+        grid = strength_grid(grid, 1.0 if strength is None else strength)
+    # at strength 1 the run starts from the noise itself, as diffusers' pipelines do
+    start = noise if strength is None or strength == 1 else noised(init_image, noise, grid.level(grid.times[0]))
+    return grid, cached_plan(grid, record), start, init_image, mask
 
 
 def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_calls, profile, timesteps, end):

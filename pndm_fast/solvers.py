@@ -6,8 +6,11 @@ them all is `pndm_fast.methods`.
 
 from __future__ import annotations
 
+import math
+
 from .grids import TimeGrid
-from .plans import EPS, STATE, Expr, Lin, ModelCall, OnePlus, Plan, Ring, var
+from .plans import EPS, NOISE, STATE, Draw, Expr, Lin, ModelCall, OnePlus, Plan, Ring, var
+from .levels import Level, alpha_ratio_minus_one
 from .schedule import transfer_coefficients
 
 # Adams-Bashforth coefficients of the 2nd-, 3rd- and 4th-order multistep updates (the paper's eq. 12 and S-PNDM).
@@ -34,10 +37,31 @@ def weighted(coefficients, names) -> Expr:
 X = var("x")
 
 
-def ddim_plan(grid: TimeGrid) -> Plan:
-    steps = tuple((ModelCall("x", t, "e"), Lin("x", transfer(grid, t, t_next, X, var("e"))))
-                  for t, t_next in grid.pairs)
-    return _plan(grid, steps, (("x", STATE), ("e", EPS)))
+def ddim_plan(grid: TimeGrid, eta: float = 0.0) -> Plan:
+    """DDIM; with eta > 0 the generalised step of Song et al. 2021 (eq. 12), which adds fresh noise of scale
+    sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a') and shortens the eps direction to keep the level."""
+    if eta == 0:  # the paper's transfer step, bit for bit
+        steps = tuple((ModelCall("x", t, "e"), Lin("x", transfer(grid, t, t_next, X, var("e"))))
+                      for t, t_next in grid.pairs)
+        return _plan(grid, steps, (("x", STATE), ("e", EPS)))
+    steps = []
+    for t, t_next in grid.pairs:
+        level, after = Level.of(grid.level(t)), Level.of(grid.level(t_next))
+        a, a_next = level.ac, after.ac
+        noise = eta * math.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))
+        direction = math.sqrt(max(0.0, 1 - a_next - noise * noise))
+        # x' = alpha' x0 + direction e + noise z with x0 = (x - sigma e) / alpha
+        update = (OnePlus(alpha_ratio_minus_one(level, after)) * X
+                  + (direction - after.alpha * level.rho) * var("e"))
+        steps.append(with_noise((ModelCall("x", t, "e"),), "x", update, noise))
+    return _plan(grid, steps, (("x", STATE), ("e", EPS), ("z", NOISE)))
+
+
+def with_noise(entries: tuple, out: str, update: Expr, scale: float) -> tuple:
+    """entries, then out = update + scale z with z a fresh draw; no draw where the scale is 0 (a last step)."""
+    if scale == 0:
+        return entries + (Lin(out, update),)
+    return entries + (Draw("z"), Lin(out, update + scale * var("z")))
 
 
 def s_pndm_plan(grid: TimeGrid) -> Plan:
@@ -122,6 +146,22 @@ def ipndm_plan(grid: TimeGrid) -> Plan:
         history = [ring[-back] for back in range(1, len(ring) + 1)]
         steps.append((ModelCall("x", t, new), Lin("x", transfer(grid, t, t_next, X, weighted(coefficients, history)))))
     return _plan(grid, steps, (("x", STATE),) + tuple((name, EPS) for name in ring.names))
+
+
+def euler_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0) -> Plan:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, diffusers' EulerAncestralDiscreteScheduler): in the
+    variance-exploding variable x / alpha with noise scale rho = sigma / alpha, a step to rho' goes down to
+    rho_down by Euler and adds noise rho_up back, rho_up = min(rho', eta sqrt(rho'^2 (rho^2 - rho'^2) / rho^2)),
+    rho_down = sqrt(rho'^2 - rho_up^2); written here on x = alpha (x / alpha)."""
+    steps = []
+    for t, t_next in grid.pairs:
+        level, after = Level.of(grid.level(t)), Level.of(grid.level(t_next))
+        rho, rho_next = level.rho, after.rho
+        up = min(rho_next, eta * math.sqrt(rho_next**2 * (rho**2 - rho_next**2) / rho**2))
+        down = math.sqrt(rho_next**2 - up * up)
+        update = OnePlus(alpha_ratio_minus_one(level, after)) * X + after.alpha * (down - rho) * var("e")
+        steps.append(with_noise((ModelCall("x", t, "e"),), "x", update, after.alpha * s_noise * up))
+    return _plan(grid, steps, (("x", STATE), ("e", EPS), ("z", NOISE)))
 
 
 def _plan(grid: TimeGrid, steps, buffers) -> Plan:

@@ -88,7 +88,8 @@ def test_names_are_canonical_and_defaults_are_the_plain_method():
 
 @pytest.mark.parametrize("bad,match", [
     ("DEIS:order=5", "not one of 3, 2, 4"), ("DEIS:order=two", "is not one of 3, 2, 4"),
-    ("DDIM:order=2", "DDIM has no option 'order': it takes no options"), ("DEIS:order", "key=value"),
+    ("DDIM:order=2", "DDIM has no option 'order': it takes eta"), ("DEIS:order", "key=value"),
+    ("F-PNDM:order=2", "F-PNDM has no option 'order': it takes no options"),
     ("DEIS:order=2,order=3", "each key once"), ("UniPC-bh1:order=4", "not one of 3, 2"), ("Deis", "unknown method"),
 ])
 def test_a_bad_option_is_one_line(bad, match):

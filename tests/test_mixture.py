@@ -154,7 +154,8 @@ ORDER_BANDS = {"DDIM": (0.8, 1.3), "S-PNDM": (1.6, 2.4), "F-PNDM": (1.6, 2.4), "
                # the order options; UniPC's corrector raises its predictor's order 2 by about one here too
                "DEIS:order=2": (1.6, 2.4), "DEIS:order=4": (3.4, 4.4), "UniPC-bh1:order=2": (2.3, 3.1),
                "UniPC-bh2:order=2": (2.3, 3.1)}
-MEASURED = list(dict.fromkeys([*METHODS, *ORDER_BANDS]))  # every method, then the options with a band
+# every ODE method (the stochastic samplers solve another equation: docs/stochastic.md), then the options with a band
+MEASURED = list(dict.fromkeys([*(m for m in METHODS if not METHODS[m].stochastic), *ORDER_BANDS]))
 STEPS = (20, 50, 100)
 MID = 200
 

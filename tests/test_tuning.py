@@ -141,6 +141,34 @@ def test_the_bundled_digits_model_samples_auto_with_its_own_profile():
                            sample(model, x, schedule, table_method.name, timesteps=table_grid))
 
 
+def test_the_guided_digits_model_has_a_profile_per_guidance_scale():
+    """digits-cond ships profiles at guidance 1 and 2 (docs/tuning.md); each scale finds its own, and another
+    scale none (auto's table), in Python and on the command line."""
+    from pndm_fast import Denoiser, pretrained
+    from pndm_fast.tuning.profile import bundled_profile, bundled_profile_named
+
+    model, schedule = pretrained("digits-cond")
+    labels = torch.arange(3)
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    found = {}
+    for guidance in (1.0, 2.0, 3.0):
+        guided = Denoiser(model, cond={"y": labels}, uncond={"y": torch.full_like(labels, 10)}, guidance=guidance)
+        found[guidance] = bundled_profile(guided, schedule)
+        named = bundled_profile_named("digits-cond", guidance)
+        assert (found[guidance] is None) == (named is None)
+        assert found[guidance] is None or found[guidance].to_json() == named.to_json()
+        if found[guidance] is None:
+            continue
+        assert found[guidance].guidance == guidance and sorted(found[guidance].budgets) == [4, 5, 6, 8, 10]
+        for entry in found[guidance].budgets.values():  # never worse than diffusers' best on its noises
+            assert entry["error"] <= entry["diffusers"]["error"]
+        method, grid = found[guidance].choice(schedule, 6)
+        with torch.inference_mode():
+            assert torch.equal(sample(guided, x, schedule, "auto", model_calls=6),
+                               sample(guided, x, schedule, method, timesteps=grid))
+    assert found[1.0] is not None and found[2.0] is not None and found[3.0] is None
+
+
 def method_calls(method, grid):
     from pndm_fast import method_record
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .. import distributed
 from ..atomic import atomic_file, remove_stale_temps
 from ..errors import UserError
-from ..images import image_grid, png_text, read_png, to_uint8, write_png_atomic
+from ..images import image_grid, load_picture, png_text, read_png, to_uint8, write_png_atomic
 from ..lock import folder_lock
 from ..grids import TimeGrid
 from ..models import build_model, load_checkpoint
@@ -30,7 +30,7 @@ from ..methods import method_record
 from ..sampling import resolve_run, sample
 from ..tuning.profile import Profile, bundled_profile_named
 from ..schedule import Schedule
-from ..seeds import derived_seed
+from ..noise import start_noise
 from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
                            open_diffusers_folder)
 
@@ -57,6 +57,9 @@ class SampleOptions:
     nvtx: bool | None = None
     image_grid: str | None = None  # --image_grid: one PNG of the first images side by side
     profile: object = None  # the tuning profile the method and grid came from: checked against the model
+    init_image: str | None = None  # --init_image, --strength, --mask: img2img and inpainting
+    strength: float | None = None
+    mask: str | None = None
     progress: bool = True
 
 
@@ -67,11 +70,7 @@ def image_name(index: int) -> str:
 def noise_for(indices: range, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     """Noise for sample `indices`, (len, C, H, W) float32 on the CPU. Image i's noise depends only on (seed, i),
     never on the batch it falls in, so any batch size (or split across processes) writes the same images."""
-    out = torch.empty((len(indices), *shape))
-    for row, index in enumerate(indices):
-        gen = torch.Generator().manual_seed(derived_seed(seed, index))
-        out[row] = torch.randn(shape, generator=gen)
-    return out
+    return start_noise(indices, shape, seed)
 
 
 def resolve_model_path(model_path: str | None, config: dict) -> str:
@@ -143,7 +142,7 @@ IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 # bytes (a retrained ema.ckpt has the same path and size); device, backend and the checkpoint's path are recorded,
 # not compared. Each image also records its own index, compared separately (a copied-over image is rewritten).
 COMPARED = ("config", "checkpoint_sha256", "method", "sample_step", "timesteps", "class", "guidance", "seed", "dtype",
-            "total_num", "batch_size")
+            "total_num", "batch_size", "edit")
 def hash_cache_path() -> str:
     """Where checkpoint hashes are cached: $XDG_CACHE_HOME/pndm_fast (default ~/.cache/pndm_fast)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -240,7 +239,38 @@ def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_
             "method": opts.method, "sample_step": opts.sample_step, "timesteps": grid_label(opts),
             "class": opts.classes, "guidance": opts.guidance, "seed": opts.seed, "dtype": opts.dtype,
             "total_num": total, "batch_size": batch, "device": torch.device(opts.device).type,
-            "backend": opts.backend}
+            "backend": opts.backend, "edit": edit_label(opts)}
+
+
+class EditInputs:
+    """--init_image, --strength and --mask read once, as sample()'s keywords for a batch of n images."""
+
+    def __init__(self, opts: SampleOptions, shape: tuple[int, int, int], device: torch.device):
+        self.kwargs = {}
+        if opts.init_image:
+            self.kwargs["init_image"] = load_picture(opts.init_image, shape, "--init_image").to(device)
+            self.kwargs["strength"] = opts.strength
+            if opts.mask:
+                self.kwargs["mask"] = load_picture(opts.mask, shape, "--mask", mask=True).to(device)
+
+    def batch(self, n: int) -> dict:
+        return {k: v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
+
+
+def edit_label(opts: SampleOptions) -> str | None:
+    """img2img / inpainting settings as recorded: the pictures by content hash, so a changed file is noticed."""
+    if not opts.init_image:
+        return None
+
+    def digest(path):
+        try:
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()[:16]
+        except OSError:
+            raise UserError(f"cannot read {path}") from None
+
+    mask = f" mask {digest(opts.mask)}" if opts.mask else ""
+    return f"init {digest(opts.init_image)} strength {opts.strength if opts.strength is not None else 1:g}{mask}"
 
 
 ADVICE = "rerun with the settings it was made with, or write to a new --image_path (or delete the folder's images)"
@@ -417,6 +447,7 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
     if opts.classes == "all" and opts.total_num is None:
         total = source.num_classes**2  # a square grid, one row per class
     model, schedule = source.net, source.schedule
+    editing = EditInputs(opts, source.shape, device)
     folder = opts.image_path
     os.makedirs(folder, exist_ok=True)
     checkpoint_hash = None
@@ -462,7 +493,8 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
                     labels = labels_for(indices, opts.classes, source.num_classes, total)
                     x = sample(denoiser_for(source, labels, opts.guidance), noise, schedule, opts.method,
                                opts.sample_step, backend=opts.backend, timesteps=opts.timesteps, end=opts.end,
-                               compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last)
+                               compile=opts.compile, nvtx=opts.nvtx, channels_last=channels_last,
+                               seed=opts.seed, indices=list(indices), **editing.batch(len(indices)))
             except (RuntimeError, MemoryError) as err:
                 if not (isinstance(err, MemoryError) or out_of_memory(err)):
                     raise

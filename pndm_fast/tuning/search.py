@@ -17,7 +17,7 @@ from ..auto import family_grid
 from ..errors import UserError
 from ..grids import MODEL, TimeGrid
 from ..levels import Level
-from ..methods import METHODS, fit_grid, method_record
+from ..methods import METHODS, Real, fit_grid, method_record
 
 FAMILIES = ("uniform", "quadratic", "logsnr", "karras", "linspace", "trailing", "leading")
 BOUNDED = ("quadratic", "logsnr", "karras")
@@ -32,11 +32,14 @@ class Candidate:
 
 
 def method_variants() -> list[str]:
-    """Every registered method with every combination of its options, by canonical name."""
+    """Every registered ODE method (not the stochastic samplers: the teacher is the ODE's solution) with every
+    combination of its listed options' values (a `Real` option stays at its default), by canonical name."""
     names = []
     for record in METHODS.values():
+        if record.stochastic:
+            continue
         keys = list(record.options)
-        for values in itertools.product(*(record.options[k] for k in keys)):
+        for values in itertools.product(*([v for v in record.options[k] if not isinstance(v, Real)] for k in keys)):
             spelled = {k: str(v).lower() for k, v in zip(keys, values)}
             name = record.configured(spelled).name
             if name not in names:

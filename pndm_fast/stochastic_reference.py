@@ -1,0 +1,53 @@
+"""Float64 references of the stochastic samplers, written from their papers in their own variables, in
+`pndm_fast.multistep_reference`'s protocol (m, x, times, acs, draws, **options) -> states: `draws` are the fresh
+standard Gaussian noises, read in order, one per step that adds noise (none on a step to sigma = 0)."""
+
+from __future__ import annotations
+
+import torch
+
+from .levels import tensor_levels
+from .multistep_reference import _order, _x0
+
+
+def euler_ancestral(m, x, times, acs, draws, eta: float = 1.0, s_noise: float = 1.0) -> list[torch.Tensor]:
+    """k-diffusion's sample_euler_ancestral on the variance-exploding variable y = x / alpha, noise scale
+    rho = sigma / alpha: d = (y - denoised) / rho, y <- y + d (rho_down - rho) + s_noise rho_up z; the states
+    are returned as x = alpha y (the model is called on x)."""
+    fresh, xs = iter(draws), [x]
+    for i in range(len(acs) - 1):
+        alpha, sigma, _ = tensor_levels(acs[i])
+        alpha_next, sigma_next, _ = tensor_levels(acs[i + 1])
+        rho, rho_next = sigma / alpha, sigma_next / alpha_next
+        y = xs[-1] / alpha
+        denoised = _x0(xs[-1], m(xs[-1], times[i]), acs[i])
+        rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
+        rho_down = (rho_next**2 - rho_up**2).sqrt()
+        y = y + (y - denoised) / rho * (rho_down - rho)
+        if rho_next > 0:
+            y = y + next(fresh) * s_noise * rho_up
+        xs.append(alpha_next * y)
+    return xs
+
+
+def sde_dpm_solver_pp(m, x, times, acs, draws, order: int = 2, lower_order_final: bool = True):
+    """SDE-DPM-Solver++(1, 2M) of the DPM-Solver++ paper (its appendix), with h = lambda_t - lambda_s:
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D + sigma_t sqrt(1 - e^{-2h}) z, with D = x0_s
+    (first order) or x0_s + (x0_s - x0_{s'}) / (2 r), r = h_{last} / h (2M, midpoint)."""
+    num, fresh = len(acs) - 1, iter(draws)
+    xs, x0s = [x], []
+    for i in range(num):
+        x0s.append(_x0(xs[-1], m(xs[-1], times[i]), acs[i]))
+        if float(acs[i + 1]) == 1.0:
+            xs.append(x0s[-1])  # sigma_t = 0: e^{-h} = 0 and no noise
+            continue
+        alpha_s, sigma_s, lam_s = tensor_levels(acs[i])
+        alpha_t, sigma_t, lam_t = tensor_levels(acs[i + 1])
+        h = lam_t - lam_s
+        d = x0s[-1]
+        if _order(i, num, order, lower_order_final) == 2:
+            r = (lam_s - tensor_levels(acs[i - 1])[2]) / h
+            d = x0s[-1] + (x0s[-1] - x0s[-2]) / (2 * r)
+        xs.append(sigma_t / sigma_s * torch.exp(-h) * xs[-1] + alpha_t * (1 - torch.exp(-2 * h)) * d
+                  + sigma_t * (1 - torch.exp(-2 * h)).sqrt() * next(fresh))
+    return xs

@@ -1,0 +1,173 @@
+"""img2img, inpainting and the per-step callback, against diffusers' own pipeline code (its img2img
+`get_timesteps`, its inpainting blend, its scheduler's add_noise and step) and against the float64 reference."""
+
+import ast
+import importlib.util
+import os
+import types
+
+import pytest
+import torch
+
+from pndm_fast import Schedule, UserError, make_grid, sample
+from pndm_fast.editing import strength_grid
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warnings inside diffusers
+MU, STD = 0.4, 0.5
+LINEAR = Schedule.from_config({"type": "linear", "beta_start": 1e-4, "beta_end": 0.02, "diffusion_step": 1000})
+
+
+def exact_eps(x, ac):
+    ac = torch.as_tensor(ac, dtype=torch.float64)
+    alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+    return sigma * (x - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
+
+
+def model_on(schedule):
+    def model(x, t):
+        return exact_eps(x, schedule.alpha(float(t[0])))
+    return model
+
+
+def inputs():
+    gen = torch.Generator().manual_seed(8)
+    noise = torch.randn(2, 1, 4, 4, dtype=torch.float64, generator=gen)
+    image = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=gen) * 2 - 1
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    mask[..., :, :2] = 1  # repaint the left half, keep the right
+    return noise, image, mask
+
+
+def test_img2img_runs_the_tail_of_the_grid_from_the_noised_image():
+    noise, image, _ = inputs()
+    for method, steps, strength, calls in (("DDIM", 10, 0.5, 5), ("DPM-Solver++2M", 10, 0.35, 3),
+                                           ("UniPC-bh2", 7, 1.0, 7)):
+        seen = []
+
+        def model(x, t):
+            seen.append(float(t[0]))
+            return exact_eps(x, LINEAR.alpha(float(t[0])))
+
+        grid = make_grid(LINEAR, "logsnr", steps)
+        out = {b: sample(model, noise, LINEAR, method, steps, b, timesteps="logsnr", init_image=image,
+                         strength=strength, return_trajectory=True) for b in ("reference", "torch")}
+        assert len(seen) == 2 * calls  # both backends: floor(steps x strength) calls each
+        assert seen[:calls] == pytest.approx(grid.times[steps - calls:-1], rel=1e-6)  # t reaches the model in float32
+        assert torch.allclose(out["reference"], out["torch"], rtol=0, atol=1e-12)
+        first = LINEAR.alpha(grid.times[steps - calls])
+        expected = noise if strength == 1 else first**0.5 * image + (1 - first) ** 0.5 * noise
+        assert torch.allclose(out["torch"][0], expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("timesteps", ["uniform", "logsnr"])
+def test_inpainting_keeps_the_kept_pixels_exactly(timesteps):
+    """Whatever the grid's last level (the paper's uniform grid ends at ac[0] < 1), the last blend is the image."""
+    noise, image, mask = inputs()
+    for method in ("DDIM", "F-PNDM", "Euler-a"):
+        out = sample(model_on(LINEAR), noise, LINEAR, method, 10, "fused", timesteps=timesteps, init_image=image,
+                     mask=mask)
+        assert torch.equal(out[..., 2:], image[..., 2:])
+        assert (out[..., :2] - image[..., :2]).abs().max() > 0.1  # the repainted half is the model's
+
+
+def test_bad_editing_input_gets_one_line():
+    noise, image, mask = inputs()
+    cases = [(dict(init_image=image, strength=0.05), "runs no step"),
+             (dict(init_image=image, strength=1.5), "strength must be"),
+             (dict(strength=0.5), "give init_image"),
+             (dict(init_image=image[:, :, :2]), "does not broadcast"),
+             (dict(init_image=image, mask=torch.ones(3, 1, 4, 4, dtype=torch.float64)), "does not broadcast"),
+             (dict(callback=3), "callback must be callable")]
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            sample(model_on(LINEAR), noise, LINEAR, "DDIM", 10, "torch", **kwargs)
+    with pytest.raises(UserError, match="backend 'reference' has no such place"):
+        sample(model_on(LINEAR), noise, LINEAR, "DDIM", 10, "reference", init_image=image, mask=mask)
+
+
+def test_the_callback_sees_every_step_and_the_data_prediction_and_may_steer():
+    noise, _, _ = inputs()
+    seen = []
+    traj = sample(model_on(LINEAR), noise, LINEAR, "DPM-Solver++2M", 6, "torch", timesteps="logsnr",
+                  return_trajectory=True, callback=lambda i, t, x, x0: seen.append((i, t, x.clone(), x0.clone())))
+    grid = make_grid(LINEAR, "logsnr", 6)
+    assert [(i, t) for i, t, _, _ in seen] == list(enumerate(grid.times[1:]))
+    for i, t, x, x0 in seen:
+        assert torch.equal(x, traj[i + 1])
+        ac = torch.tensor(grid.level(grid.times[i]), dtype=torch.float64)
+        eps = model_on(LINEAR)(traj[i], torch.tensor([grid.times[i]], dtype=torch.float32))  # as the run calls it
+        expected = (traj[i] - (1 - ac).sqrt() * eps) / ac.sqrt()
+        assert torch.allclose(x0, expected, rtol=0, atol=1e-12)
+
+    def zero_after_first(i, t, x, x0):
+        if i == 0:
+            x.zero_()
+
+    # DDIM keeps no history: once the callback zeroes the state, the noise no longer matters
+    steered = [sample(model_on(LINEAR), n, LINEAR, "DDIM", 6, "fused", callback=zero_after_first)
+               for n in (noise, 2 * noise)]
+    assert torch.equal(steered[0], steered[1])
+    assert (steered[0] - sample(model_on(LINEAR), noise, LINEAR, "DDIM", 6, "fused")).abs().max() > 0.01
+
+
+class TestDiffusers:
+    @pytest.fixture(autouse=True)
+    def _diffusers(self):
+        self.d = pytest.importorskip("diffusers", exc_type=ImportError)
+
+    def get_timesteps(self, scheduler, steps, strength):
+        """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps, its own source (the pipeline class itself
+        needs transformers to import)."""
+        spec = importlib.util.find_spec("diffusers")
+        path = os.path.join(os.path.dirname(spec.origin), "pipelines", "stable_diffusion",
+                            "pipeline_stable_diffusion_img2img.py")
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "get_timesteps")
+        namespace = {}
+        exec(compile(ast.Module([node], []), path, "exec"), namespace)
+        scheduler.set_timesteps(steps)
+        timesteps, calls = namespace["get_timesteps"](types.SimpleNamespace(scheduler=scheduler), steps, strength,
+                                                      "cpu")
+        return [int(t) for t in timesteps], calls
+
+    @pytest.mark.parametrize("strength", [0.3, 0.55, 0.8, 1.0])
+    @pytest.mark.parametrize("steps", [7, 10, 25])
+    @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+    @pytest.mark.parametrize("cls_name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+    def test_img2img_times_are_the_pipelines(self, cls_name, spacing, steps, strength):
+        # the named grids are these schedulers' spacings (DDIMScheduler's leading and linspace round otherwise)
+        scheduler = getattr(self.d, cls_name)(timestep_spacing=spacing)
+        theirs, calls = self.get_timesteps(scheduler, steps, strength)
+        ours = strength_grid(make_grid(LINEAR, spacing, steps), strength)
+        assert ours.times[:-1] == tuple(float(t) for t in theirs) and ours.steps == calls
+
+    @pytest.mark.parametrize("strength", [0.6, 1.0])
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_img2img_and_inpainting_runs_are_the_pipelines(self, masked, strength):
+        """The pipelines' loops (img2img: add_noise at the first time step, then step; inpainting with a plain
+        UNet: after each step the kept pixels are the image noised to the next time step, the image itself at
+        the end) with DDIMScheduler, float64, exact eps: every state to 1e-10."""
+        steps = 10
+        scheduler = self.d.DDIMScheduler(clip_sample=False)
+        timesteps, _ = self.get_timesteps(scheduler, steps, strength)
+        schedule = Schedule(scheduler.betas.double().numpy())
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+        noise, image, mask = inputs()
+        latents = noise if strength == 1 else scheduler.add_noise(image, noise, torch.tensor(timesteps[:1]))
+        theirs = [latents]
+        for i, t in enumerate(timesteps):
+            eps = exact_eps(theirs[-1], scheduler.alphas_cumprod[t])
+            latents = scheduler.step(eps, t, theirs[-1]).prev_sample
+            if masked:
+                known = image if i == len(timesteps) - 1 else scheduler.add_noise(
+                    image, noise, torch.tensor([timesteps[i + 1]]))
+                latents = (1 - mask) * known + mask * latents
+            theirs.append(latents)
+        full = sorted(int(t) for t in scheduler.timesteps)
+        ours = sample(model_on(schedule), noise, schedule, "DDIM", backend="torch", timesteps=full,
+                      init_image=image, strength=strength, mask=mask if masked else None, return_trajectory=True)
+        assert len(ours) == len(theirs)
+        for i, (a, b) in enumerate(zip(theirs, ours)):
+            assert float((a - b).norm() / b.norm()) < 1e-10, i
+        if masked:
+            assert torch.equal(ours[-1][..., 2:], image[..., 2:])
