@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 
 import torch
 
@@ -72,7 +72,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--out", default="benchmarks/results/stochastic.json")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "stochastic.json"))
     args = parser.parse_args()
     rows = study(args.samples)
     with open(args.out, "w") as f:
