@@ -268,7 +268,8 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
 
 
 def edited(record, grid, noise, init_image, strength, mask):
-    """(grid, plan, start state, mask) of an img2img or inpainting run (pndm_fast/editing.py)."""
+    """(grid, plan, start state, init_image, mask) of an img2img or inpainting run (pndm_fast/editing.py),
+    the image and mask checked and in the noise's dtype."""
     if grid is None:
         raise UserError("init_image, strength and mask cut and blend a method's grid: a Plan given whole has none")
     if init_image is None:
