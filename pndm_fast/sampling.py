@@ -215,8 +215,9 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
                                                   timesteps, end)
     record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     check_inputs(denoiser, noise, check_finite)
-    backend = resolve_backend(backend, noise.device)
     start, watched = noise, mask is not None or callback is not None or progress
+    # auto picks the eager fused backend for a run that something watches between steps (no graph)
+    backend = resolve_backend("fused" if watched and backend == "auto" else backend, noise.device)
     if init_image is not None or strength is not None or mask is not None:
         grid, plan, start, init_image, mask = edited(record, grid, noise, init_image, strength, mask)
     if watched and backend in ("reference", "graph"):

@@ -110,3 +110,29 @@ def test_threads_replaying_graphs_of_one_model_get_their_own_results(nets):
     results = in_threads(work, 4)
     for i in range(4):
         assert torch.equal(results[i], alone[i])
+
+
+@pytest.mark.parametrize("method", ["Euler-a", "DPM-Solver++2M-SDE", "DDIM:eta=0.5",
+                                    "UniPC-bh2:threshold=0.995"])
+def test_the_graph_replays_fresh_noise_and_thresholding_as_the_eager_run(nets, method):
+    """Draws are static buffers filled before each replay, thresholding a captured in-place step: the graph gives
+    the eager fused run's images, a new seed gives new ones, and the same seed the same ones."""
+    model, _ = nets
+    noise = torch.randn(3, 1, 8, 8, device="cuda")
+    with torch.no_grad():
+        eager = sample(model, noise, LINEAR, method, 8, "fused", seed=5)
+        graph = [sample(model, noise, LINEAR, method, 8, "graph", seed=s) for s in (5, 6, 5)]
+    assert torch.allclose(graph[0], eager, atol=1e-5)
+    assert torch.equal(graph[0], graph[2])
+    if "threshold" not in method:
+        assert (graph[0] - graph[1]).abs().max() > 1e-3
+
+
+def test_a_watched_run_takes_the_eager_backend_on_cuda(nets):
+    model, _ = nets
+    noise = torch.randn(2, 1, 8, 8, device="cuda")
+    steps = []
+    with torch.no_grad():
+        x = sample(model, noise, LINEAR, "DDIM", 5, callback=lambda i, t, x, x0: steps.append(i))
+        assert torch.equal(x, sample(model, noise, LINEAR, "DDIM", 5, "fused"))
+    assert steps == [0, 1, 2, 3, 4]
