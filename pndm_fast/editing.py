@@ -4,7 +4,8 @@ img2img follows diffusers' convention: of a grid of S steps, the last floor(S x 
 pipelines' `get_timesteps`), from the input image noised to the first of them with the run's noise. Inpainting
 follows diffusers' blend for a plain UNet: after each step the pixels outside the mask (mask 0: keep) are set to the
 input image noised to the level the step reached, with the same starting noise, and after the last step to the
-image itself (on the paper's grid too, whose last level is ac[0], not 1). Both read levels from the grid, so they work with every method and grid (docs/stochastic.md).
+image itself (on the paper's grid too, whose last level is ac[0], not 1). Both read levels from the grid, so they
+work with every method and grid (docs/stochastic.md).
 """
 
 from __future__ import annotations
@@ -28,16 +29,15 @@ def strength_grid(grid: TimeGrid, strength) -> TimeGrid:
     return TimeGrid(grid.schedule, grid.times[grid.steps - keep:], grid.convention, grid.name)
 
 
-def check_image(image, noise: torch.Tensor, what: str, channels_may_be_one: bool = False) -> torch.Tensor:
+def check_image(image, noise: torch.Tensor, what: str) -> torch.Tensor:
     """`image` as a tensor in noise's dtype and device that broadcasts to noise's shape (one line if not)."""
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
         raise UserError(f"{what} must be a floating torch.Tensor shaped like the noise {tuple(noise.shape)}")
     try:
-        torch.broadcast_shapes(image.shape, noise.shape)
+        fits = image.dim() == 4 and torch.broadcast_shapes(image.shape, noise.shape) == noise.shape
     except RuntimeError:
-        raise UserError(f"{what} of shape {tuple(image.shape)} does not broadcast to the noise's "
-                        f"{tuple(noise.shape)}") from None
-    if image.dim() != 4 or torch.broadcast_shapes(image.shape, noise.shape) != noise.shape:
+        fits = False
+    if not fits:
         raise UserError(f"{what} of shape {tuple(image.shape)} does not broadcast to the noise's "
                         f"{tuple(noise.shape)}")
     if image.device != noise.device:

@@ -155,11 +155,12 @@ def _names(op: Op) -> tuple[str, ...]:
 def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
     """Model calls through the adapter; a plain eps network's output is the eps buffer itself (a slot)."""
     plain = denoiser.prediction == "eps" and denoiser.branches == 1
-    ops, step_of = [], []
+    ops, step_of, draws = [], [], 0
     for index, step in enumerate(plan.steps):
         for entry in step:
             if isinstance(entry, Draw):
-                ops.append(Noise(entry.dst, sum(isinstance(op, Noise) for op in ops)))
+                ops.append(Noise(entry.dst, draws))
+                draws += 1
                 step_of.append(index)
             elif isinstance(entry, Threshold):
                 ops.append(entry)

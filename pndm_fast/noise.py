@@ -15,8 +15,10 @@ from .seeds import derived_seed
 STEP_STREAM = 1  # a fourth word in the seed of a step's draw: never the (seed, i) of a starting noise
 
 
-def start_noise(indices: Sequence[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Starting noise of images `indices`, (len, *shape) float32 on the CPU."""
+def noise_for(indices: Sequence[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Starting noise of images `indices`, (len, *shape) float32 on the CPU. Image i's noise depends only on
+    (seed, i), never on the batch it falls in, so any batch size (or split across processes) writes the same
+    images."""
     out = torch.empty((len(indices), *shape))
     for row, index in enumerate(indices):
         out[row] = torch.randn(shape, generator=torch.Generator().manual_seed(derived_seed(seed, index)))

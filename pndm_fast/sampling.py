@@ -278,8 +278,8 @@ def edited(record, grid, noise, init_image, strength, mask):
     init_image = check_image(init_image, noise, "init_image")
     if mask is not None:
         mask = check_image(mask, noise, "mask")
-    if strength is not None or mask is None:
-        grid = strength_grid(grid, 1.0 if strength is None else strength)
+    if strength is not None:
+        grid = strength_grid(grid, strength)
     # at strength 1 the run starts from the noise itself, as diffusers' pipelines do
     start = noise if strength is None or strength == 1 else noised(init_image, noise, grid.level(grid.times[0]))
     return grid, cached_plan(grid, record), start, init_image, mask

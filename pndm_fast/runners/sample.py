@@ -30,7 +30,7 @@ from ..methods import method_record
 from ..sampling import resolve_run, sample
 from ..tuning.profile import Profile, bundled_profile_named
 from ..schedule import Schedule
-from ..noise import start_noise
+from ..noise import noise_for  # noqa: F401  (the runners' and studies' starting noise, imported from here)
 from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
                            open_diffusers_folder)
 
@@ -65,12 +65,6 @@ class SampleOptions:
 
 def image_name(index: int) -> str:
     return f"{index:06d}.png"
-
-
-def noise_for(indices: range, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-    """Noise for sample `indices`, (len, C, H, W) float32 on the CPU. Image i's noise depends only on (seed, i),
-    never on the batch it falls in, so any batch size (or split across processes) writes the same images."""
-    return start_noise(indices, shape, seed)
 
 
 def resolve_model_path(model_path: str | None, config: dict) -> str:
