@@ -97,23 +97,21 @@ def png_text(data: bytes) -> dict[str, str]:
     return text
 
 
-def load_picture(path: str, shape: tuple[int, int, int], what: str, mask: bool = False) -> torch.Tensor:
-    """A picture file (any format Pillow reads) as a (1, C, H, W) float32 tensor for `shape` = (C, H, W): resized
-    to the model's size, in [-1, 1] (an image), or 1 where it is light, 0 where dark, one channel (a mask: white
-    repaints). UserError, one line, when it cannot be read."""
+def load_picture(data: bytes, shape: tuple[int, int, int], what: str, mask: bool = False) -> torch.Tensor:
+    """A picture file's bytes (any format Pillow reads) as a (1, C, H, W) float32 tensor for `shape` = (C, H, W):
+    resized to the model's size, in [-1, 1] (an image), or 1 where it is light, 0 where dark, one channel (a mask:
+    white repaints). UserError, one line naming `what`, when Pillow cannot read it."""
     from .errors import UserError
 
     channels, height, width = shape
     try:
-        with Image.open(path) as picture:
+        with Image.open(io.BytesIO(data)) as picture:
             picture = picture.convert("L" if mask or channels == 1 else "RGB")
             if picture.size != (width, height):
                 picture = picture.resize((width, height), Image.NEAREST if mask else Image.LANCZOS)
             pixels = np.asarray(picture, dtype=np.float32)
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"{what} {path} is not a picture Pillow can read ({type(err).__name__})") from None
+        raise UserError(f"{what} is not a picture Pillow can read ({type(err).__name__})") from None
     pixels = pixels[..., None] if pixels.ndim == 2 else pixels
     if mask:
         return torch.from_numpy((pixels >= 128).astype(np.float32)).permute(2, 0, 1)[None]

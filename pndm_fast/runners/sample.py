@@ -223,7 +223,7 @@ def resolve_grid_flags(config: dict, args, config_name: str = "") -> None:
 
 
 def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_hash: str, total: int,
-                 batch: int) -> dict:
+                 batch: int, edit: str | None = None) -> dict:
     """What made an image, as written into each PNG (with its own "index" added): a hash of the model and
     schedule config, the checkpoint's content hash (and real path, for the reader), and the sampling options."""
     shape_config = {key: config.get(key) for key in ("Schedule", "Model")}
@@ -233,38 +233,38 @@ def run_settings(config: dict, opts: SampleOptions, checkpoint: str, checkpoint_
             "method": opts.method, "sample_step": opts.sample_step, "timesteps": grid_label(opts),
             "class": opts.classes, "guidance": opts.guidance, "seed": opts.seed, "dtype": opts.dtype,
             "total_num": total, "batch_size": batch, "device": torch.device(opts.device).type,
-            "backend": opts.backend, "edit": edit_label(opts)}
+            "backend": opts.backend, "edit": edit}
 
 
 class EditInputs:
-    """--init_image, --strength and --mask read once, as sample()'s keywords for a batch of n images."""
+    """--init_image, --strength and --mask, each file read once: sample()'s keywords for a batch of n images, and
+    `label`, the settings as recorded in every PNG (the pictures by content hash, so a changed file is noticed)."""
 
     def __init__(self, opts: SampleOptions, shape: tuple[int, int, int], device: torch.device):
-        self.kwargs = {}
-        if opts.init_image:
-            self.kwargs["init_image"] = load_picture(opts.init_image, shape, "--init_image").to(device)
-            self.kwargs["strength"] = opts.strength
-            if opts.mask:
-                self.kwargs["mask"] = load_picture(opts.mask, shape, "--mask", mask=True).to(device)
+        self.kwargs, self.label = {}, None
+        if not opts.init_image:
+            return
+        image, image_hash = _picture(opts.init_image, shape, "--init_image", device)
+        self.kwargs = {"init_image": image, "strength": opts.strength}
+        self.label = f"init {image_hash} strength {opts.strength if opts.strength is not None else 1:g}"
+        if opts.mask:
+            self.kwargs["mask"], mask_hash = _picture(opts.mask, shape, "--mask", device, mask=True)
+            self.label += f" mask {mask_hash}"
 
     def batch(self, n: int) -> dict:
         return {k: v.expand(n, *v.shape[1:]) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
 
 
-def edit_label(opts: SampleOptions) -> str | None:
-    """img2img / inpainting settings as recorded: the pictures by content hash, so a changed file is noticed."""
-    if not opts.init_image:
-        return None
-
-    def digest(path):
-        try:
-            with open(path, "rb") as f:
-                return hashlib.sha256(f.read()).hexdigest()[:16]
-        except OSError:
-            raise UserError(f"cannot read {path}") from None
-
-    mask = f" mask {digest(opts.mask)}" if opts.mask else ""
-    return f"init {digest(opts.init_image)} strength {opts.strength if opts.strength is not None else 1:g}{mask}"
+def _picture(path: str, shape, what: str, device, mask: bool = False) -> tuple[torch.Tensor, str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise UserError(f"{what} {path} is not a picture Pillow can read ({type(err).__name__})") from None
+    picture = load_picture(data, shape, f"{what} {path}", mask).to(device)
+    return picture, hashlib.sha256(data).hexdigest()[:16]
 
 
 ADVICE = "rerun with the settings it was made with, or write to a new --image_path (or delete the folder's images)"
@@ -454,7 +454,7 @@ def _sample_locked(config: dict, opts: SampleOptions, schedule: Schedule, world,
         if stat_hashed != stat_loaded:
             raise UserError(f"checkpoint {checkpoint} changed while it was being loaded; rerun once it is complete")
     checkpoint_hash = gather(checkpoint_hash)[0]  # rank 0's: one read of the checkpoint, and every rank waits
-    settings = run_settings(config, opts, checkpoint, checkpoint_hash, total, batch)
+    settings = run_settings(config, opts, checkpoint, checkpoint_hash, total, batch, editing.label)
     # NHWC lets cuDNN use its tensor-core convolutions without transposing every activation; on the CPU the
     # default layout is as fast, so it stays.
     channels_last = device.type == "cuda"
