@@ -6,7 +6,9 @@ _LAZY = {"load_config": ".config", "UserError": ".errors", "build_model": ".mode
          "Schedule": ".schedule", "make_grid": ".grids", "TimeGrid": ".grids", "Plan": ".plans",
          "Method": ".methods", "METHODS": ".methods", "method_record": ".methods", "register_method": ".methods",
          "build_plan": ".methods", "Denoiser": ".adapters", "sample": ".sampling", "set_cache_limit": ".sampling",
-         "pretrained": ".pretrained", "pretrained_names": ".pretrained", "tune": ".tuning", "Profile": ".tuning"}
+         "pretrained": ".pretrained", "pretrained_names": ".pretrained", "tune": ".tuning", "Profile": ".tuning",
+         "FlowSchedule": ".continuous", "EDMSchedule": ".continuous", "VPSchedule": ".continuous",
+         "schedule_from_diffusers": ".diffusers_schedulers", "sample_pipeline": ".pipelines"}
 
 __all__ = sorted(_LAZY)
 

@@ -2,9 +2,12 @@
 
 `Denoiser(net, prediction, cond, uncond, guidance, **model_kwargs)` wraps any network called as
 `net(x, t, **kwargs)` with x (B, C, H, W) and t (B,) float times. It says:
-- what the network predicts: "eps" (the noise), "x0" (the data) or "v" (alpha eps - sigma x0); the sampler reads
-  eps = linear in (x, output) with the level the model is asked about at t (`Schedule.alpha(t)`), folded into the
-  fused combination that consumes it;
+- what the network predicts: "eps" (the noise), "x0" (the data), "v" (alpha eps - sigma x0), "flow" (a rectified
+  flow's velocity eps - x0) or "edm" (EDM's raw network under its preconditioning); the sampler reads eps =
+  linear in (x, output) with the level the model is asked about at t (`Schedule.alpha(t)`), folded into the fused
+  combination that consumes it;
+- what the network reads: its family's own state (the schedule's; a flow model (1 - s) x0 + s eps) and its own
+  time input (`TIME_INPUTS`: the schedule's time, 1000 times it, sigma, EDM's c_noise), one mapping here;
 - classifier-free guidance: eps = eps_u + w (eps_c - eps_u), the conditional inputs `cond` and unconditional
   `uncond` run as one batched forward where they concatenate (tensors of one shape), two forwards otherwise; the
   weights (1 - w, w) are folded into the consuming combination too, so guidance adds no pass over memory;
@@ -14,26 +17,41 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
 import torch
 
 from .errors import UserError
-from .levels import PREDICTIONS, eps_weights
+from .levels import PREDICTION_FAMILIES, PREDICTIONS, Level, eps_weights, network_input_scale
 from .plans import Expr, var
 
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
+
+TIME_INPUTS: dict[str, Callable] = {
+    "t": lambda schedule, t: t,                                  # the schedule's own time (integer t, s, sigma)
+    "1000t": lambda schedule, t: 1000.0 * t,                      # SD3's timestep, 1000 s
+    "sigma": lambda schedule, t: Level.of(schedule.alpha(t)).rho,  # EDM's (and k-diffusion's) sigma
+    "c_noise": lambda schedule, t: math.log(Level.of(schedule.alpha(t)).rho) / 4,  # EDM's raw network
+}
+"""The time a network is given for a call at the schedule's time t: each a function (schedule, t) -> float."""
 
 
 class Denoiser:
     """A network and how to read it. `cond`/`uncond` are dicts of keyword arguments for the network (e.g.
     cond={"y": labels}, uncond={"y": None}); `guidance` w = 1 uses cond alone, w = 0 uncond alone."""
 
-    def __init__(self, net: Callable, prediction: str = "eps", cond: dict | None = None, uncond: dict | None = None,
-                 guidance: float = 1.0, **model_kwargs: Any):
+    def __init__(self, net: Callable, prediction: str | None = None, cond: dict | None = None,
+                 uncond: dict | None = None, guidance: float = 1.0, time_input: str | None = None,
+                 **model_kwargs: Any):
         if not callable(net):
             raise UserError(f"Denoiser needs a callable network net(x, t, **kwargs), got {type(net).__name__}")
+        # a network built from a config says how it reads (`sampling_reading`); eps at the schedule's time otherwise
+        declared = getattr(net, "sampling_reading", None) or {}
+        prediction = declared.get("prediction", "eps") if prediction is None else prediction
+        if time_input is None:
+            time_input = declared.get("time_input", "c_noise" if prediction == "edm" else "t")
         if prediction not in PREDICTIONS:
             raise UserError(f"unknown prediction {prediction!r}: expected one of {', '.join(PREDICTIONS)}")
         for name, value in (("cond", cond), ("uncond", uncond)):
@@ -46,15 +64,18 @@ class Denoiser:
         if guidance != 1.0 and uncond is None:
             raise UserError(f"guidance {guidance:g} needs the unconditional inputs: pass uncond={{...}} (e.g. "
                             "uncond={'y': None}); guidance 1 uses cond alone")
-        self.net, self.prediction = net, prediction
+        if time_input not in TIME_INPUTS:
+            raise UserError(f"unknown time_input {time_input!r}: expected one of {', '.join(TIME_INPUTS)}")
+        self.net, self.prediction, self.time_input = net, prediction, time_input
         self.cond, self.uncond, self.guidance = dict(cond or {}), dict(uncond or {}), float(guidance)
         self.model_kwargs = model_kwargs
 
     @classmethod
     def from_diffusers(cls, unet: torch.nn.Module, prediction: str = "epsilon", **kwargs: Any) -> "Denoiser":
-        """Adapt a diffusers UNet2DModel or UNet2DConditionModel: its forward(sample, timestep, ...) returns an
-        output object, read here as its `.sample`. `prediction` takes diffusers' names (epsilon, sample,
-        v_prediction) or ours; kwargs go to Denoiser (cond={"encoder_hidden_states": ...}, guidance, ...)."""
+        """Adapt a diffusers UNet2DModel, UNet2DConditionModel or transformer (DiT's Transformer2DModel,
+        SD3Transformer2DModel): it returns an output object, read here as its `.sample`. `prediction` takes
+        diffusers' names (epsilon, sample, v_prediction, flow_prediction) or ours; kwargs go to Denoiser
+        (cond={"encoder_hidden_states": ...}, guidance, time_input, ...)."""
         prediction = DIFFUSERS_PREDICTIONS.get(prediction, prediction)
         return cls(DiffusersNet(unet), prediction, **kwargs)
 
@@ -63,6 +84,21 @@ class Denoiser:
         """The torch module behind the network (for its device, dtype and input checks), if there is one."""
         net = self.net.unet if isinstance(self.net, DiffusersNet) else self.net
         return net if isinstance(net, torch.nn.Module) else None
+
+    def check_schedule(self, schedule) -> None:
+        """Refuse a prediction that is not defined on the schedule's family (a flow model under a VP schedule)."""
+        families = PREDICTION_FAMILIES.get(self.prediction)
+        if families is not None and schedule.family not in families:
+            raise UserError(f"a {self.prediction!r} prediction belongs to a {' or '.join(families)} schedule, not "
+                            f"the {schedule.description} one ({schedule.family}): give the model's own schedule")
+
+    def network_time(self, schedule, t: float) -> float:
+        """The time input the network is given for a call at the schedule's time t."""
+        return float(TIME_INPUTS[self.time_input](schedule, t))
+
+    def input_scale(self, schedule, t: float) -> float:
+        """The factor the network's input is the solver's (variance-preserving) state times at time t."""
+        return network_input_scale(schedule.family, self.prediction, schedule.alpha(t))
 
     @property
     def branches(self) -> int:
@@ -86,24 +122,30 @@ class Denoiser:
         return on_x * var(src) + on_output * mixed
 
     def caller(self, shape: torch.Size, model_dtype: torch.dtype, state_dtype: torch.dtype, device: torch.device,
-               times, memory_format=torch.contiguous_format) -> "Caller":
-        """The runner-side caller for inputs of `shape` and the model calls' `times`."""
-        return Caller(self, shape, model_dtype, state_dtype, device, times, memory_format)
+               times, schedule, memory_format=torch.contiguous_format) -> "Caller":
+        """The runner-side caller for inputs of `shape` and the model calls' `times` on `schedule`."""
+        return Caller(self, shape, model_dtype, state_dtype, device, times, schedule, memory_format)
 
     def __repr__(self) -> str:
         extra = f", guidance={self.guidance:g}" if self.guidance != 1.0 else ""
+        extra += f", time_input={self.time_input!r}" if self.time_input != "t" else ""
         return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}{extra})"
 
 
 class DiffusersNet(torch.nn.Module):
-    """A diffusers UNet called as net(x, t, **kwargs) -> tensor (its output's .sample)."""
+    """A diffusers UNet or transformer called as net(x, t, **kwargs) -> tensor (its output's .sample): the time
+    goes in as the second argument of a UNet, as `timestep=` of a transformer (DiT, SD3, Flux)."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
+        second = list(inspect.signature(unet.forward).parameters)[1:2]
+        self.time_positional = second == ["timestep"]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.unet(x, t, return_dict=False, **kwargs)[0]
+        if self.time_positional:
+            return self.unet(x, t, return_dict=False, **kwargs)[0]
+        return self.unet(x, timestep=t, return_dict=False, **kwargs)[0]
 
 
 def _concatenable(cond: dict, uncond: dict, batch: int) -> bool:
@@ -132,16 +174,23 @@ class Caller:
     """
 
     def __init__(self, denoiser: Denoiser, shape: torch.Size, model_dtype: torch.dtype, state_dtype: torch.dtype,
-                 device: torch.device, times, memory_format):
+                 device: torch.device, times, schedule, memory_format):
         self.shape, self.device, self.format = tuple(shape), device, memory_format
         self.batch, self.channels = shape[0], shape[1]
         self.model_dtype, self.state_dtype = model_dtype, state_dtype
         guided = denoiser.branches == 2
         self.batched = guided and _concatenable(denoiser.cond, denoiser.uncond, self.batch)
         rows = 2 * self.batch if self.batched else self.batch
-        self.times = {t: torch.full((rows,), t, dtype=torch.float32, device=device) for t in times}
-        # The network reads its own dtype, and a batched guided call reads x twice: one static buffer for either.
-        needs_input = self.batched or model_dtype != state_dtype
+        # a float64 network reads its time in float64 (a continuous time rounded to float32 would move it ~1e-7)
+        time_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+        self.times = {t: torch.full((rows,), denoiser.network_time(schedule, t), dtype=time_dtype, device=device)
+                      for t in times}
+        # A family whose network reads a multiple of the solver's state (flow, EDM): the factor of each call.
+        scales = {t: denoiser.input_scale(schedule, t) for t in times}
+        self.scales = scales if any(c != 1.0 for c in scales.values()) else None
+        # The network reads its own dtype, a batched guided call reads x twice, and a scaled input is a copy: one
+        # static buffer for any of them.
+        needs_input = self.batched or model_dtype != state_dtype or self.scales is not None
         self.input = (torch.empty((rows, *shape[1:]), dtype=model_dtype, device=device, memory_format=memory_format)
                       if needs_input else None)
         if self.batched:
@@ -180,12 +229,16 @@ class Caller:
         times = self.times[t]
         if self.batched:
             b = self.batch
-            self.input[:b].copy_(src)
-            self.input[b:].copy_(src)
+            self._fill(self.input[:b], src, t)
+            self.input[b:].copy_(self.input[:b])
             out = self._checked(self.net(self.input, times, **self.branch_kwargs[0]), 2 * b)
             return out[:b], out[b:]
-        x = src if self.input is None else self.input.copy_(src)
+        x = src if self.input is None else self._fill(self.input, src, t)
         return tuple(self._checked(self.net(x, times, **kwargs), self.batch) for kwargs in self.branch_kwargs)
+
+    def _fill(self, dst: torch.Tensor, src: torch.Tensor, t: float) -> torch.Tensor:
+        """dst = the network's input at t: the state, times the family's factor where there is one."""
+        return dst.copy_(src) if self.scales is None else torch.mul(src, self.scales[t], out=dst)
 
     def _checked(self, out, rows: int) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -223,7 +276,8 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def as_denoiser(model) -> Denoiser:
-    """A Denoiser as given, or a plain model(x, t) read as an unconditional eps predictor."""
+    """A Denoiser as given, or a plain model(x, t) read as an unconditional eps predictor (a network built from a
+    config reads as its config says: a flow model as its velocity at time 1000 s)."""
     return model if isinstance(model, Denoiser) else Denoiser(model)
 
 

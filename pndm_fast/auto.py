@@ -16,7 +16,7 @@ from .errors import UserError
 from .grids import TimeGrid, make_grid
 from .levels import Level
 from .methods import Method, check_budget, fit_grid, method_record
-from .schedule import Schedule
+from .schedule import NoiseSchedule, Schedule
 
 AUTO = "auto"
 FALLBACK = "DDIM"  # one call per step and no warm-up: fits any budget of at least one call
@@ -50,16 +50,15 @@ def family_grid(schedule: Schedule, spacing: str, steps: int, sigma_start=None, 
     and last at sigma_last (None: t = 0), ending at sigma = 0; "uniform" is the paper's grid."""
     if spacing == "uniform":
         return make_grid(schedule, "uniform", steps)
-    n = schedule.num_steps
-    t_max = None if sigma_start is None else min(n - 1.0, schedule.time_of(Level.from_sigma(sigma_start).ac))
-    t_min = None if sigma_last is None else max(0.0, schedule.time_of(Level.from_sigma(sigma_last).ac))
+    t_max = None if sigma_start is None else min(schedule.t_max, schedule.time_of(Level.from_sigma(sigma_start).ac))
+    t_min = None if sigma_last is None else max(schedule.t_min, schedule.time_of(Level.from_sigma(sigma_last).ac))
     return make_grid(schedule, spacing, steps, "zero", t_max=t_max, t_min=t_min)
 
 
 def choose(schedule: Schedule, budget, timesteps="uniform", end=None) -> tuple[Method, TimeGrid]:
     """(method, grid) for at most `budget` model calls; UserError (one line) for a budget that is not a positive
     integer, or a grid asked for beside it."""
-    if not isinstance(schedule, Schedule):
+    if not isinstance(schedule, NoiseSchedule):
         raise UserError(f"schedule must be a pndm_fast.Schedule, got {type(schedule).__name__}")
     if not (isinstance(timesteps, str) and timesteps == "uniform") or end is not None:
         raise UserError("method auto chooses its own time grid: drop timesteps and end (or name a method)")

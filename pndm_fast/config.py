@@ -158,8 +158,13 @@ def validate_schedule(section, prefix: str = "config") -> None:
     """Refuse a Schedule section that cannot give a usable table of betas (types, ranges, beta_start <= beta_end)."""
     s = _Section({"Schedule": section}, "Schedule", prefix, required=True)
     refuse_unknown_keys(s.values, "Schedule", KNOWN_KEYS["Schedule"], prefix)
-    s.choice("type", ("linear", "quad", "cosine"), "linear")
+    kind = s.choice("type", ("linear", "quad", "cosine", "flow"), "linear")
     s.integer("diffusion_step", 1000, minimum=2, maximum=MAX_DIFFUSION_STEP)
+    if kind == "flow":  # a rectified flow: no betas, the resolution shift of its uniform grid
+        s.number("shift", 1.0, low=0.0, high=1e6)
+        return
+    if "shift" in s.values:
+        raise UserError(f"{prefix} Schedule.shift belongs to a rectified flow (type: flow), not a {kind} table")
     start = s.number("beta_start", 1e-4, low=0.0, high=1.0)
     end = s.number("beta_end", 2e-2, low=0.0, high=1.0)
     if start > end:
@@ -192,6 +197,8 @@ def validate_model(config, prefix: str = "config") -> None:
         m.int_list("attn_resolutions", nonempty=False, max_len=64)
         m.flag("resamp_with_conv")
         m.integer("num_classes", 0, minimum=0, why=" (0 or absent: an unconditional model)")
+        m.choice("prediction", ("eps", "x0", "v", "flow"), "eps")
+        m.choice("time_input", ("t", "1000t"), "t")
         factor = 2 ** (len(mults) - 1)
         m.integer("image_size", multiple=factor,
                   why=f" (each of the {len(mults) - 1} downsamplings of Model.ch_mult must halve it exactly)")
@@ -300,7 +307,7 @@ MAX_TOTAL_NUM = 999_999
 # reference reads but pndm_fast does not (e.g. Dataset.logit_transform, Schedule.learn_sigma) stay allowed, so
 # that every published file loads as it is; anything else is a typo or a setting that would be silently ignored.
 KNOWN_KEYS = {
-    "Schedule": ("type", "beta_start", "beta_end", "diffusion_step", "learn_sigma", "noise_schedule",
+    "Schedule": ("type", "beta_start", "beta_end", "diffusion_step", "shift", "learn_sigma", "noise_schedule",
                  "predict_xstart", "rescale_learned_sigmas", "rescale_timesteps", "sigma_small", "timestep_respacing",
                  "use_kl"),
     "Dataset": ("dataset", "path", "category", "image_size", "channels", "batch_size", "num_workers", "random_flip",
@@ -311,7 +318,8 @@ KNOWN_KEYS = {
 }
 MODEL_KEYS = {
     "DDIM": ("struc", "type", "image_size", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
-             "attn_resolutions", "dropout", "var_type", "resamp_with_conv", "num_classes"),
+             "attn_resolutions", "dropout", "var_type", "resamp_with_conv", "num_classes", "prediction",
+             "time_input"),
     "iDDPM": ("struc", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
               "dropout", "channel_mult", "dims", "conv_resample", "use_checkpoint", "use_scale_shift_norm",
               "num_heads", "num_heads_upsample"),

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import UserError
 from .levels import Level
-from .schedule import Schedule
+from .schedule import NoiseSchedule
 
 PAPER = "paper"
 MODEL = "model"
@@ -43,7 +43,7 @@ class TimeGrid:
     """The times of one run, largest first, the last being where it ends; `convention` says how a time reads as a
     noise level. Equal (and hashed) by value, so plans built on equal grids are shared."""
 
-    schedule: Schedule
+    schedule: NoiseSchedule
     times: tuple[float, ...]
     convention: str
     name: str
@@ -78,40 +78,41 @@ class TimeGrid:
                 f"{self.level(self.times[-1]):.4g}, {self.convention} convention)")
 
 
-def uniform_times(schedule: Schedule, steps: int) -> tuple[float, ...]:
+def uniform_times(schedule: NoiseSchedule, steps: int) -> tuple[float, ...]:
     """The paper's times for `sample_step` = steps: seq = range(0, N, N // steps), run from its largest down to -1.
     The number of steps is len(seq), which can exceed `steps` (21 gives skip 47 and 22 steps)."""
     seq = range(0, schedule.num_steps, schedule.num_steps // steps)
     return tuple(float(t) for t in reversed(seq)) + (-1.0,)
 
 
-def bounds(schedule: Schedule, t_max: float | None, t_min: float | None) -> tuple[float, float]:
-    """(t_max, t_min) of a grid placed between two times: by default the noisiest time N - 1 and 0."""
-    n = schedule.num_steps
-    t_max = float(n - 1 if t_max is None else t_max)
-    t_min = float(0 if t_min is None else t_min)
-    if not 0 <= t_min < t_max <= n - 1:
-        raise UserError(f"grid bounds must satisfy 0 <= t_min < t_max <= {n - 1}, got t_min {t_min:g}, "
+def bounds(schedule: NoiseSchedule, t_max: float | None, t_min: float | None) -> tuple[float, float]:
+    """(t_max, t_min) of a grid placed between two times: by default the schedule's (N - 1 and 0 on the
+    discrete table)."""
+    t_max = float(schedule.t_max if t_max is None else t_max)
+    t_min = float(schedule.t_min if t_min is None else t_min)
+    low, high = schedule.t_low, schedule.t_high
+    if not low <= t_min < t_max <= high:
+        raise UserError(f"grid bounds must satisfy {low:g} <= t_min < t_max <= {high:g}, got t_min {t_min:g}, "
                         f"t_max {t_max:g}")
     return t_max, t_min
 
 
 def spaced(steps: int, end: str, t_max: float, t_min: float,
-           spacing: Callable[[np.ndarray], np.ndarray]) -> tuple[float, ...]:
+           spacing: Callable[[np.ndarray], np.ndarray], t_data: float = -1.0) -> tuple[float, ...]:
     """Times from t_max down to t_min at `spacing(u)`, u uniform in [0, 1] (spacing(0) = t_max, spacing(1) = t_min):
-    S calls and a step to sigma = 0 with end "zero", S + 1 points ending on t_min with end "min"."""
+    S calls and a step to sigma = 0 (time `t_data`) with end "zero", S + 1 points ending on t_min with end "min"."""
     if end == "zero" and steps == 1:
-        return t_max, -1.0
+        return t_max, t_data
     points = steps if end == "zero" else steps + 1
     times = [float(t) for t in spacing(np.linspace(0.0, 1.0, points))]
     times[0], times[-1] = t_max, t_min  # exactly, whatever the spacing's rounding
-    return tuple(times) + ((-1.0,) if end == "zero" else ())
+    return tuple(times) + ((t_data,) if end == "zero" else ())
 
 
 def quadratic_times(schedule, steps, end, t_max=None, t_min=None):
     """DDIM's quadratic spacing: t = t_min + (t_max - t_min) v^2, v uniform, fine steps near the data."""
     t_max, t_min = bounds(schedule, t_max, t_min)
-    return spaced(steps, end, t_max, t_min, lambda u: t_min + (t_max - t_min) * (1 - u) ** 2)
+    return spaced(steps, end, t_max, t_min, lambda u: t_min + (t_max - t_min) * (1 - u) ** 2, schedule.t_data)
 
 
 def logsnr_times(schedule, steps, end, t_max=None, t_min=None):
@@ -119,7 +120,7 @@ def logsnr_times(schedule, steps, end, t_max=None, t_min=None):
     t_max, t_min = bounds(schedule, t_max, t_min)
     hi, lo = Level.of(schedule.alpha(t_max)).lam, Level.of(schedule.alpha(t_min)).lam
     return spaced(steps, end, t_max, t_min,
-                  lambda u: [schedule.time_of(Level.from_lambda(hi + (lo - hi) * v).ac) for v in u])
+                  lambda u: [schedule.time_of(Level.from_lambda(hi + (lo - hi) * v).ac) for v in u], schedule.t_data)
 
 
 def karras_times(schedule, steps, end, t_max=None, t_min=None, rho: float = 7.0):
@@ -130,7 +131,8 @@ def karras_times(schedule, steps, end, t_max=None, t_min=None, rho: float = 7.0)
         raise UserError(f"the karras grid's rho must be a number > 0, got {rho!r}")
     hi, lo = (Level.of(schedule.alpha(t)).rho ** (1 / rho) for t in (t_max, t_min))
     return spaced(steps, end, t_max, t_min,
-                  lambda u: [schedule.time_of(Level.from_sigma((hi + (lo - hi) * v) ** rho).ac) for v in u])
+                  lambda u: [schedule.time_of(Level.from_sigma((hi + (lo - hi) * v) ** rho).ac) for v in u],
+                  schedule.t_data)
 
 
 def _diffusers_end(calls: np.ndarray, end: str) -> tuple[float, ...]:
@@ -166,6 +168,10 @@ GRIDS: dict[str, Callable] = {"quadratic": quadratic_times, "logsnr": logsnr_tim
 the last being where the run ends; its keyword parameters (t_max, t_min, rho, offset) are the grid's own."""
 
 
+INTEGER_SPACINGS = ("linspace", "leading", "trailing")
+"""diffusers' spacings of integer training times: grids of the discrete table only."""
+
+
 def grid_names() -> tuple[str, ...]:
     """Every named grid: the paper's uniform grid, then GRIDS (a grid added there is named at once)."""
     return ("uniform",) + tuple(GRIDS)
@@ -174,8 +180,8 @@ def grid_names() -> tuple[str, ...]:
 Timesteps = Union[str, Sequence[float]]
 
 
-def make_grid(schedule: Schedule, timesteps: Timesteps = "uniform", steps: int | None = 50, end: str | None = None,
-              **parameters) -> TimeGrid:
+def make_grid(schedule: NoiseSchedule, timesteps: Timesteps = "uniform", steps: int | None = 50,
+              end: str | None = None, **parameters) -> TimeGrid:
     """The grid named `timesteps` (or given as a list of times) with `steps` steps and the grid's own parameters
     (t_max, t_min for quadratic, logsnr and karras; rho for karras; offset for leading); UserError, one line, for
     anything that cannot make a grid."""
@@ -187,12 +193,20 @@ def make_grid(schedule: Schedule, timesteps: Timesteps = "uniform", steps: int |
         raise UserError(f"unknown time grid {timesteps!r}: expected one of {', '.join(grid_names())}, or a list of "
                         "times")
     steps = 50 if steps is None else steps
-    limit = schedule.num_steps if timesteps == "uniform" else MAX_STEPS
+    limit = schedule.num_steps if timesteps == "uniform" and schedule.discrete else MAX_STEPS
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= limit:
         what = " (the schedule's diffusion_step)" if timesteps == "uniform" else ""
         raise UserError(f"sample_step must be an integer from 1 to {limit}{what} for the {timesteps} grid, "
                         f"got {steps!r}")
     parameters = {k: v for k, v in parameters.items() if v is not None}
+    if timesteps == "uniform" and not schedule.discrete:
+        if end not in (None, *ENDS) or parameters:
+            raise UserError(f"the uniform grid of a {schedule.description} schedule is its own: it takes no grid "
+                            "parameters, and end zero or min")
+        return TimeGrid(schedule, schedule.uniform_times(int(steps), end or "zero"), MODEL, "uniform")
+    if timesteps in INTEGER_SPACINGS and not schedule.discrete:
+        raise UserError(f"the {timesteps} grid spaces the integer times of a discrete table; on a "
+                        f"{schedule.description} schedule use uniform, quadratic, logsnr, karras or a list of times")
     if timesteps == "uniform":
         if end not in (None, "min") or parameters:
             raise UserError("the uniform grid is the paper's: it takes no end or grid parameters; use quadratic, "
@@ -211,10 +225,10 @@ def make_grid(schedule: Schedule, timesteps: Timesteps = "uniform", steps: int |
     return TimeGrid(schedule, _checked_decreasing(tuple(times), timesteps), MODEL, timesteps)
 
 
-def explicit_grid(schedule: Schedule, times: Sequence[float], end: str = "zero") -> TimeGrid:
+def explicit_grid(schedule: NoiseSchedule, times: Sequence[float], end: str = "zero") -> TimeGrid:
     """A grid from a list of times in either order, increasing or decreasing (diffusers' `scheduler.timesteps`):
     the model is called at each, largest first."""
-    n = schedule.num_steps
+    low, high = schedule.t_low, schedule.t_high
     try:
         values = [float(t) for t in times]
     except (TypeError, ValueError):
@@ -224,13 +238,13 @@ def explicit_grid(schedule: Schedule, times: Sequence[float], end: str = "zero")
                         "smallest listed time)")
     if len(values) < (1 if end == "zero" else 2):
         raise UserError(f"a list of times needs at least {1 if end == 'zero' else 2} entries, got {len(values)}")
-    if not all(math.isfinite(t) and 0 <= t <= n - 1 for t in values):
-        raise UserError(f"every listed time must be in [0, {n - 1}], got {values}")
+    if not all(math.isfinite(t) and low <= t <= high for t in values):
+        raise UserError(f"every listed time must be in [{low:g}, {high:g}], got {values}")
     if len(values) > 1 and values[0] > values[-1]:
         values = values[::-1]
     if any(b <= a for a, b in zip(values, values[1:])):
         raise UserError(f"the listed times must be strictly increasing or strictly decreasing, got {times!r}")
-    descending = tuple(reversed(values)) + ((-1.0,) if end == "zero" else ())
+    descending = tuple(reversed(values)) + ((schedule.t_data,) if end == "zero" else ())
     return TimeGrid(schedule, descending, MODEL, "explicit")
 
 

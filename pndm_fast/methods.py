@@ -229,6 +229,10 @@ for _method in (
              options={"order": (3, 2), **LOWER_FINAL, **THRESHOLD},
              reference_float64=True)
       for variant, bh in (("bh1", "h"), ("bh2", "e^h - 1"))),
+    Method("Heun", solvers.heun_plan, float64_reference(stochastic_reference.heun), 2,
+           "Heun's method of EDM (Karras et al. 2022; diffusers' HeunDiscreteScheduler): Euler in x / alpha against "
+           "sigma / alpha, then the trapezoid with the model at the step's end; the last step Euler's alone",
+           lambda steps: 2 * steps - 1, reference_float64=True),
     Method("Euler-a", solvers.euler_ancestral_plan, float64_reference(stochastic_reference.euler_ancestral), 1,
            "Euler ancestral (k-diffusion; diffusers' EulerAncestralDiscreteScheduler): an Euler step down to "
            "rho_down and fresh noise up to the next level, one call per step", stochastic=True,

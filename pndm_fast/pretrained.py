@@ -18,6 +18,7 @@ import torch
 from .config import bundled_config_names, load_config
 from .errors import UserError
 from .models import build_model, load_checkpoint
+from .continuous import schedule_from_config
 from .schedule import Schedule
 
 
@@ -68,4 +69,4 @@ def pretrained(name: str = "digits", device: str | torch.device = "cpu",
     model = build_model(config)
     load_checkpoint(model, str(_weights(key)))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Pretrained(model, Schedule.from_config(config["Schedule"]))
+    return Pretrained(model, schedule_from_config(config["Schedule"]))

@@ -16,7 +16,7 @@ from .editing import AfterStep, check_image, eps_evaluator, noised, strength_gri
 from .engine import GraphRunner, PlanRunner, load_inputs
 from .errors import UserError
 from .grids import TimeGrid, make_grid
-from .levels import eps_weights
+from .levels import FAMILIES, Level, eps_weights
 from .lowering import lower
 from .ops import available_impls
 from .methods import Method, as_method, check_budget, fit_grid
@@ -24,7 +24,7 @@ from .models import input_problem
 from .noise import check_seed, step_noise
 from .plans import Plan
 from .profiling import nvtx_enabled
-from .schedule import Schedule
+from .schedule import NoiseSchedule, Schedule
 from .compilation import _COMPILED, compiled  # noqa: F401  (compiled is part of this module's API)
 
 BACKENDS = ("auto", "reference", "torch", "fused", "cpp", "triton", "graph")
@@ -137,9 +137,9 @@ def resolve_run(schedule: Schedule, method, sample_step=None, timesteps="uniform
                 **grid_parameters) -> tuple[Method | None, TimeGrid | None, Plan]:
     """(record, grid, plan) of a run: `method` a name, "auto", a Method or a Plan; `model_calls` a budget that the
     method's steps are fitted to (auto's is its table's). Record and grid are None for a Plan given whole."""
-    if not isinstance(schedule, Schedule):
-        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])), "
-                        f"got {type(schedule).__name__}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise UserError(f"schedule must be a pndm_fast.Schedule (e.g. Schedule.from_config(config['Schedule'])) or "
+                        f"a continuous one (pndm_fast.continuous), got {type(schedule).__name__}")
     if isinstance(method, Plan):
         if sample_step is not None or model_calls is not None or end is not None or grid_parameters or not (
                 isinstance(timesteps, str) and timesteps == "uniform"):
@@ -214,6 +214,7 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
         method, timesteps, model_calls = profiled(denoiser, schedule, method, sample_step, model_calls, profile,
                                                   timesteps, end)
     record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
+    denoiser.check_schedule(schedule)
     check_inputs(denoiser, noise, check_finite)
     start, watched = noise, mask is not None or callback is not None or progress
     # auto picks the eager fused backend for a run that something watches between steps (no graph)
@@ -243,15 +244,16 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             state = start.float() if start.dtype in (torch.float16, torch.bfloat16) else start
             states = record.run_reference(reference_eps_model(denoiser, noise.shape[1], schedule), state, grid,
                                           None if draws is None else draws.to(state))
-            return (torch.stack(states) if return_trajectory else states[-1]).to(noise.dtype)
+            out = torch.stack(states) if return_trajectory else states[-1]
+            return in_family(out, schedule, grid.level, grid.times, return_trajectory).to(noise.dtype)
         owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
                                       nvtx_enabled(nvtx), channels_last)
         after = None
         try:
             runner.caller.load(denoiser)
             draws = None if draws is None else draws.to(runner.x.device, non_blocking=True)
+            level = grid.level if grid is not None else schedule.alpha
             if watched:
-                level = grid.level if grid is not None else schedule.alpha
                 after = AfterStep(runner, plan.times, level, mask, init_image, noise, callback,
                                   eps_evaluator(denoiser, schedule), progress)
                 load_inputs(runner, start, draws)
@@ -259,13 +261,25 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             else:
                 runner.run(start, draws)
             out = runner.trajectory if return_trajectory else runner.x
-            result = out.to(noise.dtype, copy=True)
+            result = in_family(out, schedule, level, plan.times, return_trajectory).to(noise.dtype, copy=True)
         finally:
             runner.caller.release()
             if after is not None:
                 after.close()
         checkin(owner, key, runner)
         return result
+
+
+def in_family(out: torch.Tensor, schedule: NoiseSchedule, level, times, trajectory: bool) -> torch.Tensor:
+    """A run's result in its model family's own state: the solvers' variance-preserving state times the family's
+    factor at each state's level (1 on a VP schedule, and at the data on every schedule). `out` is the final
+    state at times[-1], or with `trajectory` the states at every time."""
+    if schedule.family == "vp":
+        return out
+    factors = [FAMILIES[schedule.family](Level.of(level(t))) for t in (times if trajectory else times[-1:])]
+    if not trajectory:
+        return out * factors[0]
+    return out * torch.tensor(factors, dtype=out.dtype, device=out.device).view(-1, *[1] * (out.dim() - 1))
 
 
 def edited(record, grid, noise, init_image, strength, mask):
@@ -295,7 +309,7 @@ def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_
     if profile is not None and not isinstance(profile, Profile):
         raise UserError(f"profile must be a pndm_fast.tuning.Profile (Profile.load(path)), got "
                         f"{type(profile).__name__}")
-    if not isinstance(schedule, Schedule):
+    if not isinstance(schedule, NoiseSchedule):
         return method, timesteps, model_calls  # resolve_run says what is wrong
     found = profile if profile is not None else bundled_profile(denoiser, schedule)
     if found is None:
@@ -358,14 +372,18 @@ def check_inputs(denoiser: Denoiser, noise, check_finite: bool = True) -> None:
 
 
 def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
-    """eps = m(x, t) for the reference backend, written plainly: the network at t as a float32 tensor of shape
-    (batch,), all equal; with a Denoiser, guidance as eps_u + w (eps_c - eps_u) from two separate forwards, and an
-    x0 or v prediction converted at the model's level alpha(t)."""
+    """eps = m(x, t) for the reference backend, written plainly: the network at its time input for t as a tensor
+    of shape (batch,), all equal (float64 for a float64 network, else float32), reading its family's state;
+    with a Denoiser, guidance as eps_u + w (eps_c - eps_u) from two separate forwards, and a prediction other
+    than eps converted at the model's level alpha(t)."""
     denoiser = as_denoiser(model)
 
     def forward(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
-        times = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-        out = denoiser.net(x, times, **denoiser.model_kwargs, **kwargs)
+        time = t if schedule is None else denoiser.network_time(schedule, t)
+        time_dtype = torch.float64 if model_dtype_of(denoiser.module, x.dtype) == torch.float64 else torch.float32
+        times = torch.full((x.shape[0],), time, dtype=time_dtype, device=x.device)
+        scale = 1.0 if schedule is None else denoiser.input_scale(schedule, t)
+        out = denoiser.net(x if scale == 1.0 else scale * x, times, **denoiser.model_kwargs, **kwargs)
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
         out = out.to(x.dtype)
@@ -391,7 +409,7 @@ def _signature(denoiser: Denoiser) -> tuple:
         return tuple((k, ("tensor", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v))
                      for k, v in kwargs.items())
 
-    return (denoiser.prediction, denoiser.guidance, shape_of(denoiser.cond), shape_of(denoiser.uncond),
+    return (denoiser.prediction, denoiser.time_input, denoiser.guidance, shape_of(denoiser.cond), shape_of(denoiser.uncond),
             shape_of(denoiser.model_kwargs), type(denoiser.net).__name__)
 
 
@@ -420,7 +438,7 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
             return owner, key, runner
     program = lower(plan, denoiser, schedule)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    caller = denoiser.caller(noise.shape, model_dtype, state_dtype, noise.device, program.times, fmt)
+    caller = denoiser.caller(noise.shape, model_dtype, state_dtype, noise.device, program.times, schedule, fmt)
     runner = PlanRunner(program, caller, noise.shape, noise.device, model_dtype, state_dtype,
                         fused_op=FUSED_OP[backend], nvtx=nvtx, channels_last=channels_last,
                         trajectory=trajectory)

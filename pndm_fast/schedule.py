@@ -1,5 +1,9 @@
 """The noise schedule: betas, the float32 alpha table, and the noise level at any (possibly fractional) time.
 
+`NoiseSchedule` is what every schedule shares (docs/design.md, "Schedules"): the level alpha(t) (alpha-bar of the
+variance-preserving state the solvers run on) at the schedule's own time t, its inverse, and the time range. This
+module holds the paper's discrete table; `pndm_fast/continuous.py` the continuous VP, EDM and rectified-flow ones.
+
 Two readings of the table meet here (docs/design.md, "Time and noise level"):
 - the model's: network time t means noise level alpha(t) = ac[t] at integer t, as training noises the data;
   between integers log ac is interpolated linearly, and alpha(-1) = 1 (no noise);
@@ -49,7 +53,61 @@ def next_beta(kind: str, num_steps: int, beta_start: float, beta_end: float) -> 
     return _cosine_beta(num_steps, num_steps)
 
 
-class Schedule:
+class NoiseSchedule:
+    """A noise schedule: `alpha(t)`, the level (alpha-bar) at the schedule's time t, from `t_data` (level 1, the
+    data) up to `t_high`, and `time_of(level)`, its inverse. The solvers run on the variance-preserving state
+    x = sqrt(alpha) x0 + sqrt(1 - alpha) eps; `family` says how the network's own state relates to it
+    (`pndm_fast.levels.FAMILIES`: "vp" the same, "ve" x / sqrt(alpha), "flow" (1 - s) x0 + s eps)."""
+
+    family = "vp"
+    discrete = False
+    t_data = 0.0
+    description = ""
+
+    @property
+    def t_max(self) -> float:
+        """The default noisiest time of a grid (its first model call)."""
+        raise NotImplementedError
+
+    @property
+    def t_min(self) -> float:
+        """The default least noisy model call of a grid placed between two times."""
+        raise NotImplementedError
+
+    @property
+    def t_low(self) -> float:
+        """The least time the model may be called at."""
+        return self.t_min
+
+    @property
+    def t_high(self) -> float:
+        """The largest time the model may be called at."""
+        return self.t_max
+
+    def alpha(self, t: float) -> float:
+        raise NotImplementedError
+
+    def time_of(self, level: float) -> float:
+        raise NotImplementedError
+
+    def fingerprint(self) -> bytes:
+        """Bytes that differ between schedules reading some time as different levels (profiles key on them)."""
+        raise NotImplementedError
+
+    def same_levels(self, other: "NoiseSchedule") -> bool:
+        """Whether `other` reads every time as the same noise level."""
+        return other is self or (type(other) is type(self) and other.fingerprint() == self.fingerprint())
+
+    def check_time(self, t: float, what: str = "time") -> float:
+        """t as a float, or UserError (one line) when it is outside [t_low, t_high]."""
+        t = float(t)
+        if not (math.isfinite(t) and self.t_low <= t <= self.t_high):
+            raise UserError(f"{what} {t:g} is outside the {self.description} schedule's [{self.t_low:g}, "
+                            f"{self.t_high:g}]")
+        return t
+
+
+class Schedule(NoiseSchedule):
     """Betas and the float32 cumulative product `alphas_cumprod` (ac) the sampler reads.
 
     `ac` is a float32 cumprod on purpose: the reference computes it that way, and matching its outputs to 1e-6
@@ -93,9 +151,19 @@ class Schedule:
         return (f"Schedule({self.description}; alpha_cumprod {float(self.alphas_cumprod[0]):.6g} at t=0 to "
                 f"{float(self.alphas_cumprod[-1]):.3g} at t={self.num_steps - 1})")
 
-    def same_levels(self, other: "Schedule") -> bool:
-        """Whether `other` reads every time as the same noise level (the same table)."""
-        return other is self or np.array_equal(self.paper_table, other.paper_table)
+    discrete = True
+    t_data = -1.0
+
+    @property
+    def t_max(self) -> float:
+        return float(self.num_steps - 1)
+
+    @property
+    def t_min(self) -> float:
+        return 0.0
+
+    def fingerprint(self) -> bytes:
+        return np.ascontiguousarray(self.paper_table).tobytes()
 
     def alpha(self, t: float) -> float:
         """The noise level (alpha-bar, the cumulative product) the model is asked about at time t in [-1, N - 1]:

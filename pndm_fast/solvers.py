@@ -164,5 +164,20 @@ def euler_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0)
     return _plan(grid, steps, (("x", STATE), ("e", EPS), ("z", NOISE)))
 
 
+def heun_plan(grid: TimeGrid) -> Plan:
+    """Heun's method of EDM (Karras et al. 2022, Algorithm 1 without churn; diffusers' HeunDiscreteScheduler):
+    in x / alpha against rho, an Euler step (the transfer step) to the next level, the model there, and the
+    step again with the mean of the two eps; the last step is Euler's alone (EDM's step to sigma = 0)."""
+    steps, pairs = [], grid.pairs
+    for i, (t, t_next) in enumerate(pairs):
+        if i == len(pairs) - 1:
+            steps.append((ModelCall("x", t, "e1"), Lin("x", transfer(grid, t, t_next, X, var("e1")))))
+            continue
+        steps.append((ModelCall("x", t, "e1"), Lin("tmp", transfer(grid, t, t_next, X, var("e1"))),
+                      ModelCall("tmp", t_next, "e2"),
+                      Lin("x", transfer(grid, t, t_next, X, 0.5 * var("e1") + 0.5 * var("e2")))))
+    return _plan(grid, steps, (("x", STATE), ("tmp", STATE), ("e1", EPS), ("e2", EPS)))
+
+
 def _plan(grid: TimeGrid, steps, buffers) -> Plan:
     return Plan("", tuple(steps), buffers, grid.times, grid.name)

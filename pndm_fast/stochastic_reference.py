@@ -1,6 +1,7 @@
-"""Float64 references of the stochastic samplers, written from their papers in their own variables, in
-`pndm_fast.multistep_reference`'s protocol (m, x, times, acs, draws, **options) -> states: `draws` are the fresh
-standard Gaussian noises, read in order, one per step that adds noise (none on a step to sigma = 0)."""
+"""Float64 references of EDM's and k-diffusion's samplers, written from their papers in their own variables
+(y = x / alpha against rho = sigma / alpha), in `pndm_fast.multistep_reference`'s protocol
+(m, x, times, acs, [draws,] **options) -> states: `draws` are the fresh standard Gaussian noises of the stochastic
+ones, read in order, one per step that adds noise (none on a step to sigma = 0)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,26 @@ import torch
 
 from .levels import tensor_levels
 from .multistep_reference import _order, _x0
+
+
+def heun(m, x, times, acs) -> list[torch.Tensor]:
+    """EDM's Algorithm 1 (Karras et al. 2022) without churn: d = (y - D(y; rho)) / rho, y' = y + (rho' - rho) d,
+    then, unless rho' = 0, y' = y + (rho' - rho) (d + d') / 2 with d' at (y', rho'); states returned as
+    x = alpha y."""
+    xs = [x]
+    for i in range(len(acs) - 1):
+        alpha, sigma, _ = tensor_levels(acs[i])
+        alpha_next, sigma_next, _ = tensor_levels(acs[i + 1])
+        rho, rho_next = sigma / alpha, sigma_next / alpha_next
+        y = xs[-1] / alpha
+        d = (y - _x0(xs[-1], m(xs[-1], times[i]), acs[i])) / rho
+        y_next = y + (rho_next - rho) * d
+        if rho_next > 0 and i < len(acs) - 2:
+            x_next = alpha_next * y_next
+            d_next = (y_next - _x0(x_next, m(x_next, times[i + 1]), acs[i + 1])) / rho_next
+            y_next = y + (rho_next - rho) * (d + d_next) / 2
+        xs.append(alpha_next * y_next)
+    return xs
 
 
 def euler_ancestral(m, x, times, acs, draws, eta: float = 1.0, s_noise: float = 1.0) -> list[torch.Tensor]:

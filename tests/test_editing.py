@@ -95,7 +95,7 @@ def test_the_callback_sees_every_step_and_the_data_prediction_and_may_steer():
     for i, t, x, x0 in seen:
         assert torch.equal(x, traj[i + 1])
         ac = torch.tensor(grid.level(grid.times[i]), dtype=torch.float64)
-        eps = model_on(LINEAR)(traj[i], torch.tensor([grid.times[i]], dtype=torch.float32))  # as the run calls it
+        eps = model_on(LINEAR)(traj[i], torch.tensor([grid.times[i]], dtype=torch.float64))  # float64 time, as run
         expected = (traj[i] - (1 - ac).sqrt() * eps) / ac.sqrt()
         assert torch.allclose(x0, expected, rtol=0, atol=1e-12)
 

@@ -15,6 +15,7 @@ from mixture import GaussianMixture, MixtureEps, ring_2d
 import pndm_fast
 from pndm_fast import Denoiser, Method, Plan, Schedule, UserError, build_plan, make_grid, register_method, sample
 from pndm_fast.cli import parse_timesteps
+from pndm_fast.continuous import EDMSchedule
 from pndm_fast.grids import GRIDS
 from pndm_fast.levels import PREDICTIONS
 from pndm_fast.methods import METHODS, _record, method_record
@@ -76,15 +77,45 @@ def gaussian_flow(x, mu, std, a_from, a_to):
     return math.sqrt(a_to) * mu + math.sqrt(a_to * std**2 + 1 - a_to) * z
 
 
+def test_the_documented_schedule_runs_as_edms_at_the_same_levels():
+    """TrigFlow, added as design.md writes it, with an exact v network (Gaussian data): its logsnr grid has EDM's
+    levels, and a run on it ends where the run on EDM's schedule does with an exact x0 network (each reading its own
+    state and time), and its fused plan agrees with its reference."""
+    namespace = {}
+    exec(doc_block("### Adding a schedule"), namespace)
+    trig, edm = namespace["TrigFlow"](), EDMSchedule()
+    mu, std = 0.4, 0.5
+
+    def posterior(x, alpha, sigma):  # (E[eps | x], E[x0 | x]) for x = alpha x0 + sigma eps
+        z = (x - alpha * mu) / (alpha**2 * std**2 + sigma**2)
+        return sigma * z, mu + alpha * std**2 * z
+
+    def v_net(x, t):  # reads x_t = cos(t) x0 + sin(t) eps at its own t
+        eps, x0 = posterior(x, math.cos(float(t[0])), math.sin(float(t[0])))
+        return math.cos(float(t[0])) * eps - math.sin(float(t[0])) * x0
+
+    def x0_net(x, sigma):  # reads the VE state x0 + sigma eps at sigma
+        return posterior(x, 1.0, float(sigma[0]))[1]
+
+    levels = [[schedule.alpha(t) for t in make_grid(schedule, "logsnr", 8).times] for schedule in (trig, edm)]
+    assert np.allclose(*levels, rtol=1e-12, atol=0)
+    noise = torch.randn(3, 2, 4, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = sample(Denoiser(v_net, "v"), noise, trig, "DPM-Solver++2M", 8, "fused", True, timesteps="logsnr")
+    truth = sample(Denoiser(v_net, "v"), noise, trig, "DPM-Solver++2M", 8, "reference", True, timesteps="logsnr")
+    assert_states_agree(ours, truth)
+    at_edm = sample(Denoiser(x0_net, "x0"), noise, edm, "DPM-Solver++2M", 8, "fused", timesteps="logsnr")
+    assert float((ours[-1] - at_edm).norm() / at_edm.norm()) < 1e-12
+
+
 def test_the_documented_solver_runs_everywhere_as_its_reference_says_at_its_order(registry_restored, ring):
     exec(doc_block("### Adding a solver"), {})
-    record = method_record("Heun")
-    assert "Heun" in METHODS and record.plan(make_grid(LINEAR, "logsnr", 5, "min")).model_calls == 10
+    record = method_record("Trapezoid")
+    assert "Trapezoid" in METHODS and record.plan(make_grid(LINEAR, "logsnr", 5, "min")).model_calls == 10
     model, noise = ring
     options = dict(timesteps="logsnr", end="min")
-    truth = sample(model, noise, LINEAR, "Heun", 7, "reference", True, **options)
+    truth = sample(model, noise, LINEAR, "Trapezoid", 7, "reference", True, **options)
     for backend in ("torch", "fused"):
-        assert_states_agree(sample(model, noise, LINEAR, "Heun", 7, backend, True, **options), truth)
+        assert_states_agree(sample(model, noise, LINEAR, "Trapezoid", 7, backend, True, **options), truth)
     # its order, against the exact flow of Gaussian data: halving the step divides the error by about 4
     mu, std = 0.3, 0.5
     gaussian = GaussianMixture.create([1.0], [[mu]], [[std]], (1, 1, 1))
@@ -92,13 +123,13 @@ def test_the_documented_solver_runs_everywhere_as_its_reference_says_at_its_orde
     errors = []
     for steps in (20, 40, 80):
         grid = make_grid(LINEAR, "logsnr", steps, "min")
-        out = sample(MixtureEps(gaussian, LINEAR), x, LINEAR, "Heun", backend="fused", timesteps=grid)
+        out = sample(MixtureEps(gaussian, LINEAR), x, LINEAR, "Trapezoid", backend="fused", timesteps=grid)
         exact = gaussian_flow(x, mu, std, grid.level(grid.times[0]), grid.level(grid.times[-1]))
         errors.append(float((out - exact).abs().max()))
     slopes = -np.diff(np.log(errors)) / math.log(2)
     assert np.all(np.abs(slopes - 2) < 0.3), slopes
     # a budget of model calls fits it too: 9 calls of two per step is 4 steps
-    assert sample(model, noise, LINEAR, "Heun", model_calls=9, backend="torch", timesteps="logsnr",
+    assert sample(model, noise, LINEAR, "Trapezoid", model_calls=9, backend="torch", timesteps="logsnr",
                   end="min").shape == noise.shape
 
 
@@ -186,7 +217,8 @@ def test_a_time_grid_of_another_schedule_is_refused(ring):
 def test_the_top_level_shows_only_the_public_names():
     public = {"load_config", "UserError", "build_model", "load_checkpoint", "Schedule", "make_grid", "TimeGrid", "Plan",
               "Method", "METHODS", "method_record", "register_method", "build_plan", "Denoiser", "sample",
-              "set_cache_limit", "pretrained", "pretrained_names", "tune", "Profile"}
+              "set_cache_limit", "pretrained", "pretrained_names", "tune", "Profile", "FlowSchedule", "EDMSchedule",
+              "VPSchedule", "schedule_from_diffusers", "sample_pipeline"}
     assert set(dir(pndm_fast)) == public
     for name in public:
         assert getattr(pndm_fast, name) is not None

@@ -28,8 +28,12 @@ def build_model(config: dict) -> torch.nn.Module:
     if model["struc"] == "DDIM":
         keys = ["ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
                 "image_size", "resamp_with_conv"]
-        return DDIMUNet(**_take(model, keys), bayesian=model.get("type") == "bayesian",
-                        num_classes=int(model.get("num_classes") or 0))
+        net = DDIMUNet(**_take(model, keys), bayesian=model.get("type") == "bayesian",
+                       num_classes=int(model.get("num_classes") or 0))
+        # what it predicts and the time it reads (a flow model: the velocity at 1000 s); Denoiser reads these
+        net.sampling_reading = {"prediction": model.get("prediction", "eps"),
+                                "time_input": model.get("time_input", "t")}
+        return net
     keys = ["in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
             "dropout", "channel_mult", "conv_resample", "use_scale_shift_norm", "num_heads", "num_heads_upsample"]
     # dims: only images (2) are supported (validate_model refuses others); use_checkpoint (gradient

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError, first_line
-from ..schedule import make_betas
+from ..diffusers_schedulers import betas_of
 from .checkpoint import read_state_dict, torch_load
 
 CONFIG = "config.json"
@@ -27,9 +27,6 @@ PIPELINE_INDEX = "model_index.json"
 SCHEDULER_CONFIGS = (os.path.join("scheduler", "scheduler_config.json"), "scheduler_config.json")
 # the diffusers networks a folder may hold for sampling: a UNet taking (x, t) and returning an image-shaped output
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# diffusers' beta_schedule name -> pndm_fast.schedule.make_betas' kind (the same formulas: scaled_linear is
-# linear in sqrt(beta), squaredcos_cap_v2 is the cosine alpha_bar of Nichol & Dhariwal capped at beta 0.999)
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 INSTALL = "pip install diffusers"
 LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -134,9 +131,9 @@ def scheduler_config_path(path: str | os.PathLike) -> str | None:
 def schedule_from_folder(path: str | os.PathLike) -> tuple[np.ndarray, str] | None:
     """(betas, prediction_type) from the folder's scheduler config, or None when the folder has none.
 
-    betas are float64, computed from beta_start, beta_end, num_train_timesteps and beta_schedule (linear,
-    scaled_linear, squaredcos_cap_v2) in float64 (diffusers rounds them to float32), or trained_betas as
-    listed. prediction_type is "epsilon", "sample" or "v_prediction"; anything else is a one-line UserError.
+    betas are those diffusers computes from beta_start, beta_end, num_train_timesteps and beta_schedule (linear,
+    scaled_linear, squaredcos_cap_v2), or trained_betas as listed. prediction_type is "epsilon", "sample" or
+    "v_prediction"; anything else is a one-line UserError.
     """
     where = scheduler_config_path(path)
     if where is None:
@@ -149,24 +146,7 @@ def schedule_from_folder(path: str | os.PathLike) -> tuple[np.ndarray, str] | No
     if config.get("rescale_betas_zero_snr"):
         raise UserError(f"scheduler config {where} sets rescale_betas_zero_snr: a schedule that reaches zero "
                         "signal is not supported")
-    trained = config.get("trained_betas")
-    if trained is not None:
-        betas = np.asarray(trained, dtype=np.float64)
-        if betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas < 1)):
-            raise UserError(f"scheduler config {where} has trained_betas that are not a list of at least two "
-                            "numbers in (0, 1)")
-        return betas, prediction
-    kind = config.get("beta_schedule", "linear")
-    if kind not in BETA_SCHEDULES:
-        raise UserError(f"scheduler config {where} has beta_schedule {kind!r}: expected one of "
-                        f"{', '.join(BETA_SCHEDULES)}, or trained_betas")
-    steps, start, end = (config.get("num_train_timesteps", 1000), config.get("beta_start", 0.0001),
-                         config.get("beta_end", 0.02))
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, start, end))
-    if not (numbers and isinstance(steps, int) and steps >= 2 and 0 < start <= end < 1):
-        raise UserError(f"scheduler config {where} has num_train_timesteps {steps!r}, beta_start {start!r}, "
-                        f"beta_end {end!r}: expected an integer >= 2 and 0 < beta_start <= beta_end < 1")
-    return make_betas(BETA_SCHEDULES[kind], steps, float(start), float(end)), prediction
+    return betas_of(f"scheduler config {where}", config), prediction
 
 
 def modern_attention_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

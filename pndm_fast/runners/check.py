@@ -14,7 +14,7 @@ from ..kernels_info import fused_op_notice
 from ..methods import method_record
 from ..ops import available_impls
 from ..sampling import sample
-from ..schedule import Schedule
+from ..continuous import schedule_from_config
 from .sample import check_device, image_shape, load_model, noise_for
 
 
@@ -38,7 +38,7 @@ def run_check(config: dict, model_path: str | None, device_name: str, method: st
               seed: int = 0, batch: int = 2, timesteps="uniform", end: str | None = None) -> int:
     """Print per-step deviations and a verdict per backend; 0 when every backend passes, else 1."""
     device = check_device(device_name)
-    schedule = Schedule.from_config(config["Schedule"])
+    schedule = schedule_from_config(config["Schedule"])
     model = load_model(config, model_path, device_name, "fp32")
     model64 = copy.deepcopy(model).double()
     noise = noise_for(range(batch), image_shape(config), seed).to(device)

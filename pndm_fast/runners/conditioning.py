@@ -12,6 +12,7 @@ from ..adapters import DIFFUSERS_PREDICTIONS, Denoiser
 from ..errors import UserError
 from ..models.diffusers_folder import (WEIGHTS, is_diffusers_folder, load_diffusers_unet, read_diffusers_config,
                                        schedule_from_folder)
+from ..continuous import schedule_from_config
 from ..schedule import Schedule
 
 @dataclass
@@ -34,7 +35,7 @@ def open_diffusers_folder(path: str, config: dict, device, dtype: torch.dtype) -
     net = load_diffusers_unet(path, device, dtype).requires_grad_(False)
     found = schedule_from_folder(path)
     if found is None:
-        schedule, prediction = Schedule.from_config(config["Schedule"]), "eps"
+        schedule, prediction = schedule_from_config(config["Schedule"]), "eps"
     else:
         betas, kind = found
         schedule, prediction = Schedule(betas, description=f"{path}'s scheduler config"), DIFFUSERS_PREDICTIONS[kind]

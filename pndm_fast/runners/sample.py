@@ -29,6 +29,7 @@ from ..models.diffusers_folder import schedule_from_folder
 from ..methods import method_record
 from ..sampling import resolve_run, sample
 from ..tuning.profile import Profile, bundled_profile_named
+from ..continuous import schedule_from_config
 from ..schedule import Schedule
 from ..noise import noise_for  # noqa: F401  (the runners' and studies' starting noise, imported from here)
 from .conditioning import (Source, check_classes, denoiser_for, folder_weights, is_folder_model, labels_for,
@@ -90,7 +91,7 @@ def source_schedule(config: dict, model_path: str | None) -> Schedule:
         found = schedule_from_folder(model_path)
         if found is not None:
             return Schedule(found[0], description=f"{model_path}'s scheduler config")
-    return Schedule.from_config(config["Schedule"])
+    return schedule_from_config(config["Schedule"])
 
 
 def open_source(config: dict, model_path: str | None, device, dtype: str) -> Source:
@@ -98,7 +99,8 @@ def open_source(config: dict, model_path: str | None, device, dtype: str) -> Sou
     model; `dtype` is --dtype's name."""
     if is_folder_model(model_path):
         return open_diffusers_folder(model_path, config, device, DTYPES[dtype])
-    return Source(load_model(config, model_path, device, dtype), "eps", Schedule.from_config(config["Schedule"]),
+    return Source(load_model(config, model_path, device, dtype), config["Model"].get("prediction", "eps"),
+                  schedule_from_config(config["Schedule"]),
                   image_shape(config), resolve_model_path(model_path, config),
                   int(config["Model"].get("num_classes") or 0))
 

@@ -34,7 +34,6 @@ from ..errors import UserError
 from ..lock import folder_lock
 from ..models import build_model, save_state_dict
 from ..models.checkpoint import torch_load
-from ..schedule import Schedule
 from ..seeds import derived_seed
 
 STATE_FILE = "train_state.pt"
@@ -76,26 +75,68 @@ def shard(n: int, w: distributed.World) -> slice:
     return slice(start, start + size + (w.rank < extra))
 
 
-def row_losses(model: torch.nn.Module, x0: torch.Tensor, ac: torch.Tensor, gen: torch.Generator, loss_type: str,
+class TableNoising:
+    """The paper's noising: antithetic integer times t and N - 1 - t, x_t = sqrt(ac[t]) x0 + sqrt(1 - ac[t]) eps;
+    the network is asked for eps at time t."""
+
+    def __init__(self, ac: torch.Tensor):
+        self.ac = ac
+
+    def __call__(self, x0: torch.Tensor, gen: torch.Generator, n: int, rows: slice):
+        num_steps = self.ac.shape[0]
+        t = torch.randint(0, num_steps, (n // 2 + 1,), generator=gen, device=x0.device)
+        t = torch.cat([t, num_steps - 1 - t])[:n][rows]
+        eps = torch.randn((n, *x0.shape[1:]), generator=gen, device=x0.device)[rows]
+        a = self.ac[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (docs/design.md, "Time and noise level")
+        return x_t, t.float(), eps
+
+
+class FlowNoising:
+    """Rectified-flow noising: antithetic s and 1 - s, s uniform in [0, 1), x_s = (1 - s) x0 + s eps; the network
+    is asked for the velocity eps - x0 at time `time_scale` s (1000 s, as SD3's network reads it)."""
+
+    def __init__(self, time_scale: float):
+        self.time_scale = time_scale
+
+    def __call__(self, x0: torch.Tensor, gen: torch.Generator, n: int, rows: slice):
+        u = torch.rand((n // 2 + 1,), generator=gen, device=x0.device)
+        s = torch.cat([u, 1.0 - u])[:n][rows]
+        eps = torch.randn((n, *x0.shape[1:]), generator=gen, device=x0.device)[rows]
+        s4 = s.view(-1, 1, 1, 1)
+        return (1.0 - s4) * x0 + s4 * eps, self.time_scale * s, eps - x0
+
+
+def noising_for(config: dict, device: torch.device):
+    """How training noises the data under the config's schedule: the paper's table, or a rectified flow."""
+    from ..continuous import schedule_from_config
+
+    schedule = schedule_from_config(config["Schedule"])
+    if schedule.family == "flow":
+        return FlowNoising(1000.0 if config["Model"].get("time_input") == "1000t" else 1.0)
+    if not schedule.discrete:
+        raise UserError(f"training runs on a discrete table or a rectified flow, not the {schedule.description} "
+                        "schedule")
+    return TableNoising(schedule.alphas_cumprod.to(device))
+
+
+def row_losses(model: torch.nn.Module, x0: torch.Tensor, noising, gen: torch.Generator, loss_type: str,
                batch: int | None = None, rows: slice | None = None,
                labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The noise-prediction loss of each image of x0 (m, C, H, W) in [-1, 1], summed over C, H, W: shape (m,).
+    """The prediction loss of each image of x0 (m, C, H, W) in [-1, 1], summed over C, H, W: shape (m,).
 
-    x0 holds the rows `rows` of a batch of `batch` images (default: all of them). Times and noise are drawn for
-    the whole batch and then cut to those rows, so a batch split over processes sees the draws one process
-    would. labels (m,), for a class-conditional model, are passed to it as y. Antithetic times (t and N - 1 - t in the same batch) lower the variance of the batch mean, as the
+    x0 holds the rows `rows` of a batch of `batch` images (default: all of them). `noising` (TableNoising,
+    FlowNoising) draws times and noise for the whole batch and cuts them to those rows, so a batch split over
+    processes sees the draws one process would; it gives the network's input, time and target. labels (m,), for a
+    class-conditional model, are passed to it as y. Antithetic times lower the variance of the batch mean, as the
     reference does.
     """
-    n, num_steps = (x0.shape[0] if batch is None else batch), ac.shape[0]
+    n = x0.shape[0] if batch is None else batch
     rows = slice(0, n) if rows is None else rows
-    t = torch.randint(0, num_steps, (n // 2 + 1,), generator=gen, device=x0.device)
-    t = torch.cat([t, num_steps - 1 - t])[:n][rows]
-    eps = torch.randn((n, *x0.shape[1:]), generator=gen, device=x0.device)[rows]
-    a = ac[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps  # training reads ac[t], sampling ac[t + 1] (docs/design.md, "Time and noise level")
+    x_t, t, target = noising(x0, gen, n, rows)
     # a learned-sigma network (iDDPM) outputs 2C channels: the first C are eps
-    out = model(x_t, t.float()) if labels is None else model(x_t, t.float(), labels)
-    error = out[:, : x0.shape[1]] - eps
+    out = model(x_t, t) if labels is None else model(x_t, t, labels)
+    error = out[:, : x0.shape[1]] - target
     if loss_type == "linear":
         return error.abs().sum(dim=(1, 2, 3))
     if loss_type == "square":
@@ -222,7 +263,7 @@ def stop_requested(requests: list[int], w: distributed.World, device: torch.devi
     return bool(flag.item())
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ac: torch.Tensor,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, noising,
                gen: torch.Generator, *, loss_type: str, grad_clip: float | None, flip: bool,
                batch: int | None = None, w: distributed.World = ALONE, labels: torch.Tensor | None = None,
                label_dropout: float = 0.0, null_label: int = 0) -> torch.Tensor:
@@ -236,7 +277,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
         labels = drop_labels(labels, gen, label_dropout, null_label, n, rows)
     if flip:
         x0 = random_flip(x0, gen, n, rows)
-    losses = row_losses(model, x0, ac, gen, loss_type, n, rows, labels)
+    losses = row_losses(model, x0, noising, gen, loss_type, n, rows, labels)
     if w.size == 1:
         loss = losses.mean(dim=0)
     else:
@@ -349,7 +390,7 @@ def _train(config: dict, train_path: str, *, restart: bool = False, device: str 
         if w.size > 1 and not distributed.is_initialized():
             stack.callback(distributed.shutdown)  # a process group that the caller joined is the caller's to leave
         distributed.init(device.type)
-        ac = Schedule.from_config(config["Schedule"]).alphas_cumprod.to(device)
+        noising = noising_for(config, device)
         distributed.barrier()  # every rank has passed the checks above before rank 0 may write into train_path
         torch.manual_seed(derived_seed(seed, STREAM_INIT, 0))
         model = build_model(config).to(device)
@@ -406,7 +447,7 @@ def _train(config: dict, train_path: str, *, restart: bool = False, device: str 
                     x, labels = x[0], x[1].to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(config["Optim"], step, limit)
-                loss = train_step(net, optimizer, x.to(device), ac, gen, batch=n, w=w, labels=labels,
+                loss = train_step(net, optimizer, x.to(device), noising, gen, batch=n, w=w, labels=labels,
                                   label_dropout=label_dropout, null_label=num_classes, **options)
                 ema_update(ema, model, ema_rate)
                 step += 1

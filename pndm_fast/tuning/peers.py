@@ -34,7 +34,10 @@ CONFIGS = {
 
 
 def peer_candidates(schedule, budget: int) -> list[Candidate]:
-    """Every configuration at `budget` steps (one model call each), on `schedule`'s own betas."""
+    """Every configuration at `budget` steps (one model call each), on `schedule`'s own betas (none on a
+    continuous schedule: these are diffusers' spacings of a table)."""
+    if not schedule.discrete:
+        return []
     try:
         import diffusers
     except ImportError:

@@ -13,7 +13,6 @@ import math
 import weakref
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from ..adapters import as_denoiser
@@ -44,7 +43,7 @@ def weights_sha256(model) -> str:
 
 
 def schedule_sha256(schedule: Schedule) -> str:
-    return hashlib.sha256(np.ascontiguousarray(schedule.paper_table).tobytes()).hexdigest()
+    return hashlib.sha256(schedule.fingerprint()).hexdigest()
 
 
 @dataclass
@@ -82,7 +81,7 @@ class Profile:
         entry = self.budgets[below[-1]]
         times = tuple(float(t) for t in entry["times"])
         decreasing = all(b < a for a, b in zip(times, times[1:]))
-        if not (decreasing and -1 <= times[-1] and times[0] <= schedule.num_steps - 1):
+        if not (decreasing and schedule.t_data <= times[-1] and times[0] <= schedule.t_high):
             raise UserError(f"the profile's times for {below[-1]} model calls are not decreasing times of this "
                             "schedule")
         convention = entry.get("convention", MODEL)

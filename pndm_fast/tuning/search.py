@@ -65,7 +65,7 @@ def family_candidates(schedule, budget: int, methods, families=FAMILIES, last_si
 
 def explicit(schedule, calls) -> TimeGrid:
     """The grid that calls the model at `calls` (decreasing) and ends at sigma = 0."""
-    return TimeGrid(schedule, tuple(float(t) for t in calls) + (-1.0,), MODEL, "tuned")
+    return TimeGrid(schedule, tuple(float(t) for t in calls) + (schedule.t_data,), MODEL, "tuned")
 
 
 def optimise_times(evaluate, candidate: Candidate, schedule, evaluations: int) -> tuple[Candidate, float]:
@@ -73,13 +73,13 @@ def optimise_times(evaluate, candidate: Candidate, schedule, evaluations: int) -
     that lowers `evaluate(candidate)`, the steps halved when no move does; at most `evaluations` evaluations.
     Returns the best candidate found and its value (the start's, if nothing beat it)."""
     grid = candidate.grid
-    calls = list(grid.times[:-1]) if grid.times[-1] == -1 else list(grid.times)
+    calls = list(grid.times[:-1]) if grid.times[-1] == schedule.t_data else list(grid.times)
     lams = [Level.of(schedule.alpha(t)).lam for t in calls]
-    # the calls stay within the table: the first at most at the noisiest time, the last at least at t = 0
-    bottom, top = (Level.of(schedule.alpha(t)).lam for t in (schedule.num_steps - 1, 0.0))
+    # the calls stay within the schedule: the first at most at its noisiest time, the last at least at t_min
+    bottom, top = (Level.of(schedule.alpha(t)).lam for t in (schedule.t_max, schedule.t_min))
 
     def at(values) -> Candidate:
-        times = [min(schedule.num_steps - 1.0, max(0.0, schedule.time_of(Level.from_lambda(v).ac))) for v in values]
+        times = [min(schedule.t_max, max(schedule.t_min, schedule.time_of(Level.from_lambda(v).ac))) for v in values]
         return Candidate(candidate.method, explicit(schedule, times), f"{candidate.method}, tuned times")
 
     best = at(lams)

@@ -22,12 +22,13 @@ LAST_RHO = 1e-4
 
 
 def teacher_grid(schedule, steps: int) -> TimeGrid:
-    """`steps` steps uniform in lambda from t = N - 1 to sigma / alpha = LAST_RHO, then one to sigma = 0."""
-    first = Level.of(schedule.alpha(schedule.num_steps - 1)).lam
+    """`steps` steps uniform in lambda from the schedule's noisiest time (N - 1 on the paper's table) to
+    sigma / alpha = LAST_RHO, then one to sigma = 0."""
+    first = Level.of(schedule.alpha(schedule.t_max)).lam
     last = Level.from_sigma(LAST_RHO).lam
     lams = [first + (last - first) * i / (steps - 1) for i in range(steps)]
-    times = [schedule.num_steps - 1.0] + [schedule.time_of(Level.from_lambda(v).ac) for v in lams[1:]]
-    return TimeGrid(schedule, tuple(times) + (-1.0,), MODEL, "teacher")
+    times = [schedule.t_max] + [schedule.time_of(Level.from_lambda(v).ac) for v in lams[1:]]
+    return TimeGrid(schedule, tuple(times) + (schedule.t_data,), MODEL, "teacher")
 
 
 def relative_error(x: torch.Tensor, truth: torch.Tensor) -> float:
