@@ -44,7 +44,7 @@ class Denoiser:
 
     def __init__(self, net: Callable, prediction: str | None = None, cond: dict | None = None,
                  uncond: dict | None = None, guidance: float = 1.0, time_input: str | None = None,
-                 **model_kwargs: Any):
+                 guidance_rescale: float = 0.0, **model_kwargs: Any):
         if not callable(net):
             raise UserError(f"Denoiser needs a callable network net(x, t, **kwargs), got {type(net).__name__}")
         # a network built from a config says how it reads (`sampling_reading`); eps at the schedule's time otherwise
@@ -66,7 +66,13 @@ class Denoiser:
                             "uncond={'y': None}); guidance 1 uses cond alone")
         if time_input not in TIME_INPUTS:
             raise UserError(f"unknown time_input {time_input!r}: expected one of {', '.join(TIME_INPUTS)}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
+                not 0.0 <= guidance_rescale <= 1.0:
+            raise UserError(f"guidance_rescale must be a number in [0, 1] (0: none), got {guidance_rescale!r}")
         self.net, self.prediction, self.time_input = net, prediction, time_input
+        # diffusers' guidance_rescale (Lin et al. 2023): a ratio of standard deviations per image, not linear in the
+        # outputs, so the runner mixes the branches itself and folds only what follows
+        self.guidance_rescale = float(guidance_rescale) if guidance != 1.0 else 0.0
         self.cond, self.uncond, self.guidance = dict(cond or {}), dict(uncond or {}), float(guidance)
         self.model_kwargs = model_kwargs
 
@@ -105,11 +111,16 @@ class Denoiser:
         """Network outputs per model call: 2 with guidance (conditional, unconditional), else 1."""
         return 1 if self.guidance == 1.0 else 2
 
+    @property
+    def outputs(self) -> int:
+        """Outputs a runner's model call hands over: the branches, or their rescaled mix (guidance_rescale)."""
+        return 1 if self.guidance_rescale else self.branches
+
     def eps_expression(self, src: str, outputs: tuple[str, ...], level: float) -> Expr:
         """eps as a linear expression of the model's input buffer `src` and its output slots (conditional first),
         for a call at model level `level` (alpha-bar at the call's time)."""
         w = self.guidance
-        if w == 1.0:
+        if w == 1.0 or self.guidance_rescale:  # one output: the network's, or the rescaled mix of both
             mixed = var(outputs[0])
         elif w == 0.0:
             mixed = var(outputs[1])
@@ -180,6 +191,7 @@ class Caller:
         self.model_dtype, self.state_dtype = model_dtype, state_dtype
         guided = denoiser.branches == 2
         self.batched = guided and _concatenable(denoiser.cond, denoiser.uncond, self.batch)
+        self.guidance, self.rescale = denoiser.guidance, denoiser.guidance_rescale
         rows = 2 * self.batch if self.batched else self.batch
         # a float64 network reads its time in float64 (a continuous time rounded to float32 would move it ~1e-7)
         time_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
@@ -232,9 +244,15 @@ class Caller:
             self._fill(self.input[:b], src, t)
             self.input[b:].copy_(self.input[:b])
             out = self._checked(self.net(self.input, times, **self.branch_kwargs[0]), 2 * b)
-            return out[:b], out[b:]
+            return self._mixed(out[:b], out[b:])
         x = src if self.input is None else self._fill(self.input, src, t)
-        return tuple(self._checked(self.net(x, times, **kwargs), self.batch) for kwargs in self.branch_kwargs)
+        return self._mixed(*(self._checked(self.net(x, times, **kwargs), self.batch) for kwargs in self.branch_kwargs))
+
+    def _mixed(self, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not self.rescale:
+            return outputs
+        cond, uncond = (out.to(self.state_dtype) for out in outputs)
+        return (rescaled_guidance(uncond + self.guidance * (cond - uncond), cond, self.rescale),)
 
     def _fill(self, dst: torch.Tensor, src: torch.Tensor, t: float) -> torch.Tensor:
         """dst = the network's input at t: the state, times the family's factor where there is one."""
@@ -261,6 +279,14 @@ class Caller:
         if not out.is_contiguous(memory_format=self.format):
             out = out.contiguous(memory_format=self.format)
         return out
+
+
+def rescaled_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """diffusers' guidance_rescale (Lin et al. 2023, eq. 15-16): the guided output scaled per image to the
+    conditional output's standard deviation, blended with the unscaled one by `rescale`."""
+    dims = tuple(range(1, guided.dim()))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return rescale * (guided * ratio) + (1 - rescale) * guided
 
 
 def _static(value: torch.Tensor) -> torch.Tensor:

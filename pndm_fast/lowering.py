@@ -154,7 +154,7 @@ def _names(op: Op) -> tuple[str, ...]:
 
 def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
     """Model calls through the adapter; a plain eps network's output is the eps buffer itself (a slot)."""
-    plain = denoiser.prediction == "eps" and denoiser.branches == 1
+    plain = denoiser.prediction == "eps" and denoiser.outputs == 1
     ops, step_of, draws = [], [], 0
     for index, step in enumerate(plan.steps):
         for entry in step:
@@ -169,7 +169,7 @@ def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
                 ops.append(Forward(entry.src, entry.t, (entry.dst,)))
                 step_of.append(index)
             elif isinstance(entry, ModelCall):
-                outputs = (f"{entry.dst}.c", f"{entry.dst}.u")[:denoiser.branches]
+                outputs = (f"{entry.dst}.c", f"{entry.dst}.u")[:denoiser.outputs]
                 ops.append(Forward(entry.src, entry.t, outputs))
                 ops.append(_Assign(entry.dst, denoiser.eps_expression(entry.src, outputs, schedule.alpha(entry.t)),
                                    virtual=True))

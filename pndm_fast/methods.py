@@ -237,6 +237,11 @@ for _method in (
            "Euler ancestral (k-diffusion; diffusers' EulerAncestralDiscreteScheduler): an Euler step down to "
            "rho_down and fresh noise up to the next level, one call per step", stochastic=True,
            options={"eta": (1.0, Real(0.0, 1.0)), "s_noise": (1.0, Real(0.0, 2.0))}, reference_float64=True),
+    Method("DPM-Solver++2S-a", solvers.dpm_2s_ancestral_plan, float64_reference(stochastic_reference.dpm_2s_ancestral),
+           2, "DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral): the second-order singlestep "
+           "data-prediction solver down to rho_down, its midpoint half the step in lambda, then fresh noise up to "
+           "the next level; two calls per step, one on the last", lambda steps: 2 * steps - 1, stochastic=True,
+           options={"eta": (1.0, Real(0.0, 1.0)), "s_noise": (1.0, Real(0.0, 2.0))}, reference_float64=True),
     Method("DPM-Solver++2M-SDE", multistep.sde_dpm_solver_pp_plan,
            float64_reference(stochastic_reference.sde_dpm_solver_pp), 1,
            "SDE-DPM-Solver++(2M) (Lu et al. 2022; diffusers' algorithm_type sde-dpmsolver++, midpoint): the data "

@@ -11,6 +11,7 @@ level [x_0, ..., x_S]. `float64_reference` turns one into a reference of `pndm_f
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -39,6 +40,8 @@ def float64_reference(solver):
             return (state - alpha * x0) / sigma
 
         acs = [torch.tensor(grid.level(t), dtype=torch.float64) for t in grid.times]
+        if "time_of" in inspect.signature(solver).parameters:  # a solver that calls the model between the times
+            options["time_of"] = grid.schedule.time_of
         return [s.to(dtype) for s in solver(m64, x.double(), grid.times, acs, **options)]
 
     return run

@@ -21,16 +21,18 @@ def pipeline_network(pipe) -> torch.nn.Module:
 
 
 def sample_pipeline(pipe, noise: torch.Tensor, method: str = "UniPC-bh2", sample_step: int | None = None, *,
-                    cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0, mu=None,
-                    **sample_kwargs) -> torch.Tensor:
+                    cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0,
+                    guidance_rescale: float = 0.0, mu=None, **sample_kwargs) -> torch.Tensor:
     """The latents a pipeline's loop would make from `noise` (standard normal, the solver's starting state), with
     `method` on the schedule its scheduler config says (`pndm_fast.diffusers_schedulers`). `cond`/`uncond` are the
     network's keyword inputs of the two branches (e.g. {"encoder_hidden_states": prompt_embeds} and the negative
-    prompt's, or {"class_labels": labels} and the null class), `guidance` the classifier-free scale; `mu` a dynamic
-    flow shift (Flux); the other keywords go to `sample()` (timesteps, model_calls, backend, ...)."""
+    prompt's, or {"class_labels": labels} and the null class), `guidance` the classifier-free scale and
+    `guidance_rescale` diffusers' (0: none); `mu` a dynamic flow shift (Flux); the other keywords go to `sample()`
+    (timesteps, model_calls, backend, ...)."""
     from .sampling import sample
 
     reading = read_scheduler(pipe.scheduler, None if mu is None else float(torch.tensor(mu).exp()))
     denoiser = Denoiser.from_diffusers(pipeline_network(pipe), reading.prediction, cond=cond, uncond=uncond,
-                                       guidance=guidance, time_input=reading.time_input)
+                                       guidance=guidance, time_input=reading.time_input,
+                                       guidance_rescale=guidance_rescale)
     return sample(denoiser, noise, reading.schedule, method, sample_step, **sample_kwargs)

@@ -21,6 +21,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .adapters import TIME_INPUTS
 from .diffusers_schedulers import CLASSES, method_for_steps, read_scheduler
 from .errors import UserError
 from .grids import MODEL, TimeGrid
@@ -56,7 +57,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self.method_name = method
         self.register_to_config(**{k: v for k, v in base.items() if not k.startswith("_")},
                                 base_class=self.reading.class_name, method=method)
-        self._base_config, self.timesteps, self.plan = base, None, None
+        self._base_config, self.timesteps, self.plan, self.grid = base, None, None, None
         self.num_inference_steps = None
 
     @classmethod
@@ -85,8 +86,6 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
             return 1.0
         return FAMILIES["ve"](Level.of(self.grid.level(self.grid.times[0])))
 
-    grid = None
-
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
                       mu: float | None = None):
         """The times of the replaced scheduler's own set_timesteps (with its custom timesteps, sigmas or mu), and
@@ -109,7 +108,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self.entries = [entry for step in self.plan.steps for entry in step]
         self.calls = [i for i, entry in enumerate(self.entries) if isinstance(entry, ModelCall)]
         call_times = [self.entries[i].t for i in self.calls]
-        net_times = [labels[t] if t in labels else _network_time(reading, t) for t in call_times]
+        net_times = [labels[t] if t in labels else TIME_INPUTS[reading.time_input](schedule, t) for t in call_times]
         integral = all(float(t).is_integer() for t in net_times)
         self.timesteps = torch.tensor(net_times, dtype=torch.int64 if integral else torch.float32, device=device)
         self.num_inference_steps = steps
@@ -187,14 +186,6 @@ def _class_of(config: dict) -> str:
                         f"{' and '.join(found) or 'no scheduler pndm_fast reads'}: pass the scheduler itself "
                         "(PlanScheduler.from_scheduler(pipe.scheduler, ...)) or add _class_name")
     return found[0]
-
-
-def _network_time(reading, t: float) -> float:
-    """The time a pipeline passes to its network for a call at the schedule's time t (diffusers' convention:
-    integer t on a table, 1000 s for a flow, c_noise for EDM)."""
-    from .adapters import TIME_INPUTS
-
-    return float(TIME_INPUTS[reading.time_input](reading.schedule, t))
 
 
 def _grid_times(base, schedule, config: dict) -> tuple[list[float], dict[float, float]]:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 
 from . import auto
-from .adapters import Denoiser, as_denoiser
+from .adapters import Denoiser, as_denoiser, rescaled_guidance
 from .editing import AfterStep, check_image, eps_evaluator, noised, strength_grid
 from .engine import GraphRunner, PlanRunner, load_inputs
 from .errors import UserError
@@ -378,7 +378,7 @@ def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
     than eps converted at the model's level alpha(t)."""
     denoiser = as_denoiser(model)
 
-    def forward(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
+    def raw(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
         time = t if schedule is None else denoiser.network_time(schedule, t)
         time_dtype = torch.float64 if model_dtype_of(denoiser.module, x.dtype) == torch.float64 else torch.float32
         times = torch.full((x.shape[0],), time, dtype=time_dtype, device=x.device)
@@ -386,16 +386,24 @@ def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
         out = denoiser.net(x if scale == 1.0 else scale * x, times, **denoiser.model_kwargs, **kwargs)
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
-        out = out.to(x.dtype)
+        return out.to(x.dtype)
+
+    def as_eps(x: torch.Tensor, t: float, out: torch.Tensor) -> torch.Tensor:
         if denoiser.prediction == "eps":
             return out
         on_x, on_output = eps_weights(denoiser.prediction, schedule.alpha(t))
         return on_x * x + on_output * out
 
+    def forward(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
+        return as_eps(x, t, raw(x, t, kwargs))
+
     def eps(x: torch.Tensor, t: float) -> torch.Tensor:
         w = denoiser.guidance
         if w == 1.0:
             return forward(x, t, denoiser.cond)
+        if denoiser.guidance_rescale:  # rescaled in the network's own output space, then read as eps
+            cond, uncond = raw(x, t, denoiser.cond), raw(x, t, denoiser.uncond)
+            return as_eps(x, t, rescaled_guidance(uncond + w * (cond - uncond), cond, denoiser.guidance_rescale))
         eps_u = forward(x, t, denoiser.uncond)
         return eps_u + w * (forward(x, t, denoiser.cond) - eps_u)
 
@@ -409,7 +417,8 @@ def _signature(denoiser: Denoiser) -> tuple:
         return tuple((k, ("tensor", tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else repr(v))
                      for k, v in kwargs.items())
 
-    return (denoiser.prediction, denoiser.time_input, denoiser.guidance, shape_of(denoiser.cond), shape_of(denoiser.uncond),
+    return (denoiser.prediction, denoiser.time_input, denoiser.guidance, denoiser.guidance_rescale,
+            shape_of(denoiser.cond), shape_of(denoiser.uncond),
             shape_of(denoiser.model_kwargs), type(denoiser.net).__name__)
 
 

@@ -133,6 +133,9 @@ class Schedule(NoiseSchedule):
         """The schedule of a config's Schedule section; bad values are refused with one line naming the key."""
         validate_schedule(section)
         kind = section.get("type", "linear")
+        if kind == "flow":
+            raise UserError("Schedule.type flow is a rectified flow, not a table of betas: read the section with "
+                            "pndm_fast.continuous.schedule_from_config")
         start, end = section.get("beta_start", 1e-4), section.get("beta_end", 2e-2)
         n = int(section.get("diffusion_step", 1000))
         schedule = cls(make_betas(kind, n, start, end), next_beta(kind, n, start, end),

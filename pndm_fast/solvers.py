@@ -148,6 +148,13 @@ def ipndm_plan(grid: TimeGrid) -> Plan:
     return _plan(grid, steps, (("x", STATE),) + tuple((name, EPS) for name in ring.names))
 
 
+def ancestral_split(rho: float, rho_next: float, eta: float) -> tuple[float, float]:
+    """(rho_down, rho_up) of an ancestral step from rho to rho_next (k-diffusion's get_ancestral_step): the ODE
+    goes down to rho_down and fresh noise of scale rho_up brings the state back up to rho_next."""
+    up = min(rho_next, eta * math.sqrt(rho_next**2 * (rho**2 - rho_next**2) / rho**2))
+    return math.sqrt(rho_next**2 - up * up), up
+
+
 def euler_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0) -> Plan:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, diffusers' EulerAncestralDiscreteScheduler): in the
     variance-exploding variable x / alpha with noise scale rho = sigma / alpha, a step to rho' goes down to
@@ -157,8 +164,7 @@ def euler_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0)
     for t, t_next in grid.pairs:
         level, after = Level.of(grid.level(t)), Level.of(grid.level(t_next))
         rho, rho_next = level.rho, after.rho
-        up = min(rho_next, eta * math.sqrt(rho_next**2 * (rho**2 - rho_next**2) / rho**2))
-        down = math.sqrt(rho_next**2 - up * up)
+        down, up = ancestral_split(rho, rho_next, eta)
         update = OnePlus(alpha_ratio_minus_one(level, after)) * X + after.alpha * (down - rho) * var("e")
         steps.append(with_noise((ModelCall("x", t, "e"),), "x", update, after.alpha * s_noise * up))
     return _plan(grid, steps, (("x", STATE), ("e", EPS), ("z", NOISE)))
@@ -177,6 +183,33 @@ def heun_plan(grid: TimeGrid) -> Plan:
                       ModelCall("tmp", t_next, "e2"),
                       Lin("x", transfer(grid, t, t_next, X, 0.5 * var("e1") + 0.5 * var("e2")))))
     return _plan(grid, steps, (("x", STATE), ("tmp", STATE), ("e1", EPS), ("e2", EPS)))
+
+
+def dpm_2s_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0) -> Plan:
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral): the ODE from rho down to rho_down by
+    the data-prediction solver's second-order singlestep, its midpoint at the geometric mean sqrt(rho rho_down)
+    (half the step in lambda), then fresh noise rho_up; a step down to rho_down = 0 is Euler's (one call).
+    Written on the variance-preserving state: DPM-Solver++(1) from a to b is x_b = (sigma_b / sigma_a) x_a -
+    alpha_b (e^{-h} - 1) D with h = lambda_b - lambda_a."""
+    schedule, steps = grid.schedule, []
+    for t, t_next in grid.pairs:
+        level, after = Level.of(grid.level(t)), Level.of(grid.level(t_next))
+        down, up = ancestral_split(level.rho, after.rho, eta)
+        data = (X - level.sigma * var("e1")) / level.alpha  # D at the step's start
+        if down == 0:  # Euler to sigma = 0: the data prediction itself
+            steps.append((ModelCall("x", t, "e1"), Lin("x", data)))
+            continue
+        low, mid = Level.from_sigma(down), Level.from_sigma(math.sqrt(level.rho * down))
+        h = low.lam - level.lam
+        x_mid = (mid.sigma / level.sigma) * X - mid.alpha * math.expm1(-h / 2) * data
+        data_mid = (var("x2") - mid.sigma * var("e2")) / mid.alpha
+        # down to rho_down, then up to the next level by the noise, in x / alpha: one combination
+        scale = after.alpha / low.alpha
+        update = (scale * low.sigma / level.sigma) * X - scale * low.alpha * math.expm1(-h) * data_mid
+        steps.append(with_noise((ModelCall("x", t, "e1"), Lin("x2", x_mid), ModelCall("x2", schedule.time_of(mid.ac),
+                                                                                          "e2")),
+                                "x", update, after.alpha * s_noise * up))
+    return _plan(grid, steps, (("x", STATE), ("x2", STATE), ("e1", EPS), ("e2", EPS), ("z", NOISE)))
 
 
 def _plan(grid: TimeGrid, steps, buffers) -> Plan:

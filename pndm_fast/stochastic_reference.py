@@ -31,7 +31,38 @@ def heun(m, x, times, acs) -> list[torch.Tensor]:
     return xs
 
 
-def euler_ancestral(m, x, times, acs, draws, eta: float = 1.0, s_noise: float = 1.0) -> list[torch.Tensor]:
+def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0, time_of=None):
+    """k-diffusion's sample_dpmpp_2s_ancestral on y = x / alpha with t = -log(rho): from t to t_next = -log(rho_down)
+    the midpoint s = t + h / 2, y_2 = (rho_s / rho_t) y - expm1(-h / 2) D, D_2 the model there, y = (rho_down /
+    rho_t) y - expm1(-h) D_2 (Euler's step when rho_down = 0), then y += s_noise rho_up z. The model is called on
+    x = alpha y at the time `time_of` gives the midpoint's level."""
+    fresh, xs = iter(draws), [x]
+    for i in range(len(acs) - 1):
+        alpha, sigma, _ = tensor_levels(acs[i])
+        alpha_next, sigma_next, _ = tensor_levels(acs[i + 1])
+        rho, rho_next = sigma / alpha, sigma_next / alpha_next
+        y = xs[-1] / alpha
+        denoised = _x0(xs[-1], m(xs[-1], times[i]), acs[i])
+        rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
+        rho_down = (rho_next**2 - rho_up**2).sqrt()
+        if rho_down == 0:
+            y = y + (y - denoised) / rho * (rho_down - rho)
+        else:
+            t, t_next = -torch.log(rho), -torch.log(rho_down)
+            h = t_next - t
+            s = t + h / 2
+            y_mid = (torch.exp(-s) / rho) * y - torch.expm1(-h / 2) * denoised
+            ac_mid = 1 / (1 + torch.exp(-2 * s))
+            x_mid = y_mid * ac_mid.sqrt()
+            denoised_mid = _x0(x_mid, m(x_mid, time_of(float(ac_mid))), ac_mid)
+            y = (rho_down / rho) * y - torch.expm1(-h) * denoised_mid
+        if rho_up > 0:  # no draw where no noise is added (eta 0, the last step)
+            y = y + next(fresh) * s_noise * rho_up
+        xs.append(alpha_next * y)
+    return xs
+
+
+def euler_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0) -> list[torch.Tensor]:
     """k-diffusion's sample_euler_ancestral on the variance-exploding variable y = x / alpha, noise scale
     rho = sigma / alpha: d = (y - denoised) / rho, y <- y + d (rho_down - rho) + s_noise rho_up z; the states
     are returned as x = alpha y (the model is called on x)."""
@@ -45,7 +76,7 @@ def euler_ancestral(m, x, times, acs, draws, eta: float = 1.0, s_noise: float = 
         rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
         rho_down = (rho_next**2 - rho_up**2).sqrt()
         y = y + (y - denoised) / rho * (rho_down - rho)
-        if rho_next > 0:
+        if rho_up > 0:  # no draw where no noise is added (eta 0, the last step)
             y = y + next(fresh) * s_noise * rho_up
         xs.append(alpha_next * y)
     return xs

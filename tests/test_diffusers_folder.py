@@ -103,7 +103,8 @@ def test_betas_equal_diffusers_own_and_the_closed_form(tmp_path, schedule):
     betas, prediction = schedule_from_folder(tmp_path)
     assert prediction == "epsilon" and betas.dtype == np.float64 and betas.shape == (500,)
     theirs = diffusers.DDPMScheduler(**settings).betas.double().numpy()  # diffusers keeps them in float32
-    assert np.abs(betas - theirs).max() <= 2**-24 * np.abs(theirs).max() * 2
+    # diffusers' own numbers (its float32 linspace rounds unlike a float64 one's), so the table is the model's
+    assert np.array_equal(betas.astype(np.float32), theirs.astype(np.float32))
     i = np.arange(500)
     if schedule == "linear":
         closed = 0.0002 + (0.03 - 0.0002) * i / 499
@@ -112,14 +113,14 @@ def test_betas_equal_diffusers_own_and_the_closed_form(tmp_path, schedule):
     else:
         bar = [math.cos((s / 500 + 0.008) / 1.008 * math.pi / 2) ** 2 for s in range(501)]
         closed = np.minimum([1 - bar[k + 1] / bar[k] for k in range(500)], 0.999)
-    np.testing.assert_allclose(betas, closed, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(betas, closed, rtol=2**-22, atol=0)  # the closed form, to float32 rounding
 
 
 def test_pipeline_folder_reads_its_scheduler_and_prediction_type(saved):
     model, pipeline, _ = saved
     betas, prediction = schedule_from_folder(pipeline)
     assert prediction == "v_prediction"
-    np.testing.assert_allclose(betas[[0, -1]], [0.00085, 0.012], rtol=1e-14)
+    np.testing.assert_allclose(betas[[0, -1]], [0.00085, 0.012], rtol=2**-23)
     assert schedule_from_folder(pipeline / "unet")[1] == "v_prediction"  # the pipeline's unet/ finds it too
     assert schedule_from_folder(model) is None  # a bare model folder has no schedule
 

@@ -272,7 +272,7 @@ def test_guidance_folds_on_a_flow_model_as_the_guided_velocity():
     uncond = {"shift": torch.tensor(-0.1, dtype=torch.float64)}
 
     def net(x, t, shift):
-        return velocity_net()(x, t) + shift
+        return velocity_net()(x, t) * (1 + shift) + shift
 
     def guided(x, t):
         return net(x, t, uncond["shift"]) + 1.7 * (net(x, t, cond["shift"]) - net(x, t, uncond["shift"]))
@@ -281,6 +281,11 @@ def test_guidance_folds_on_a_flow_model_as_the_guided_velocity():
     ours = sample(Denoiser(net, "flow", cond=cond, uncond=uncond, guidance=1.7), x, FLOW, "UniPC-bh2", 6, "fused")
     truth = sample(Denoiser(guided, "flow"), x, FLOW, "UniPC-bh2", 6, "reference")
     agree([truth], [ours], 1e-12)
+    # diffusers' guidance_rescale, not linear: mixed by the runner, the same on every backend
+    rescaled = {backend: sample(Denoiser(net, "flow", cond=cond, uncond=uncond, guidance=1.7, guidance_rescale=0.5),
+                                x, FLOW, "UniPC-bh2", 6, backend) for backend in ("reference", "torch", "fused")}
+    agree([rescaled["reference"]] * 2, [rescaled["torch"], rescaled["fused"]], 1e-12)
+    assert float((rescaled["fused"] - ours).norm()) > 1e-3
 
 
 @pytest.mark.parametrize("prediction,schedule", [("flow", Schedule.from_config({"type": "linear"})),
@@ -311,3 +316,18 @@ def test_a_flow_config_gives_the_flow_schedule():
     schedule = schedule_from_config({"type": "flow", "shift": 3.0, "diffusion_step": 1000})
     assert isinstance(schedule, FlowSchedule) and schedule.shift == 3.0
     assert isinstance(schedule_from_config({"type": "linear"}), Schedule)
+
+
+@diffusers_or_skip
+def test_the_flow_study_runs_and_measures_against_the_exact_ode(tmp_path):
+    """benchmarks/flow_mixture.py end to end in its smallest setting: every configuration's error is against the
+    ODE's solution (planted: the truth from another start fails the tuned run's ratio), the page and the JSON are
+    written."""
+    pytest.importorskip("diffusers", exc_type=ImportError)
+    import flow_mixture
+
+    rows = flow_mixture.main(["--batch", "8", "--calls", "8", "--out", str(tmp_path), "--doc",
+                              str(tmp_path / "page.md")], log=lambda text: None)
+    for name in (flow_mixture.TUNED_ON, flow_mixture.HELD_OUT):
+        assert rows[0][name]["ratio_tuned"] < 0.5 and rows[0][name]["peer_error"] < 0.5
+    assert (tmp_path / "flow_mixture.json").exists() and "tuned" in (tmp_path / "page.md").read_text()

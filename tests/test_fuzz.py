@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from pndm_fast import Schedule, UserError, sample
 from pndm_fast.cli import main
+from pndm_fast.continuous import schedule_from_config
 from pndm_fast.config import (
     MAX_TOTAL_NUM,
     SECTIONS,
@@ -92,7 +93,7 @@ def test_every_bundled_config_validates_builds_and_runs_on_meta(name):
     config = BUNDLED[name]
     validate_config(config)
     meta_forward_works(config)
-    plan = build_plan(Schedule.from_config(config["Schedule"]), "F-PNDM", 50)
+    plan = build_plan(schedule_from_config(config["Schedule"]), "F-PNDM", 50)
     assert plan.model_calls == 4 * 3 + 47
 
 

@@ -56,8 +56,8 @@ def test_the_plan_uses_the_coefficients_the_peer_tests_check(problem, method, co
     acs = [grid.level(t) for t in grid.times]
     time_of = dict(zip(acs, grid.times))
 
-    def eps_fn(x, ac):  # a model is given its times in float32, as the engine gives them
-        return model(x, torch.full((x.shape[0],), time_of[float(ac)], dtype=torch.float32))
+    def eps_fn(x, ac):  # a float64 model is given its times in float64, as the engine gives them
+        return model(x, torch.full((x.shape[0],), time_of[float(ac)], dtype=torch.float64))
 
     prediction = {"unipc": "x0", "dpm_solver_pp": "x0"}.get(kind, "eps")
     theirs, _ = run_steps(coefficients(acs), noise, acs, eps_fn, prediction)

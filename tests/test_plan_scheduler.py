@@ -4,6 +4,7 @@ transformers' text encoders, so the loops run here as the pipelines write them, 
 `sample_pipeline`, the whole loop through sample(). Pipelines are built offline from small random configs; in
 float64 the images equal those of diffusers' own scheduler to 1e-10 where the method is the same."""
 
+import copy
 import math
 
 import numpy as np
@@ -124,6 +125,27 @@ def test_ddpm_pipeline_with_plan_scheduler_makes_ddims_images(monkeypatch):
     assert rel(pipe(generator=torch.Generator().manual_seed(1), **run).images, theirs) > 1e-3  # another method
 
 
+def test_in_float32_plan_scheduler_is_as_close_to_float64_as_diffusers_own(monkeypatch):
+    """A float32 pipeline: PlanScheduler's DDIM stays within twice DDIMScheduler's own distance to the float64
+    images, from the same noise (the pipeline's draw replaced by one float64 noise, cast)."""
+    from diffusers.pipelines.ddpm import pipeline_ddpm
+
+    net = unet2d()
+    base = diffusers.DDIMScheduler(clip_sample=False)
+    run = dict(batch_size=2, num_inference_steps=10, output_type="np")
+    noise = torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(pipeline_ddpm, "randn_tensor", lambda shape, dtype=None, **kwargs: noise.to(dtype))
+    original = diffusers.DDIMScheduler.set_timesteps
+    monkeypatch.setattr(diffusers.DDIMScheduler, "set_timesteps", float64_tables(base))
+    truth = diffusers.DDPMPipeline(unet=net, scheduler=base)(generator=torch.Generator().manual_seed(1), **run).images
+    monkeypatch.setattr(diffusers.DDIMScheduler, "set_timesteps", original)  # float32 tables for the float32 runs
+    pipe = diffusers.DDPMPipeline(unet=copy.deepcopy(net).float(), scheduler=base)
+    theirs = pipe(generator=torch.Generator().manual_seed(1), **run).images
+    pipe.scheduler = PlanScheduler.from_config(base.config, method="DDIM")
+    ours = pipe(generator=torch.Generator().manual_seed(1), **run).images
+    assert ours.dtype == np.float32 and rel(ours, truth) <= 2 * rel(theirs, truth) + 1e-7
+
+
 def dit_pipeline():
     torch.manual_seed(0)
     transformer = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
@@ -170,16 +192,23 @@ def in_float64(scheduler):
             setattr(scheduler, name, getattr(scheduler, name).double())
 
 
-def sd_loop(unet, scheduler, latents, embeds, negative, guidance, steps):
-    """StableDiffusionPipeline's denoising loop: both branches in one batch, guidance, scale_model_input, step."""
+def sd_loop(unet, scheduler, latents, embeds, negative, guidance, steps, rescale=0.0, times=None):
+    """StableDiffusionPipeline's denoising loop: both branches in one batch, guidance (with diffusers' own
+    guidance_rescale), scale_model_input, step. `times` replaces the network's timesteps."""
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
     scheduler.set_timesteps(steps)
     in_float64(scheduler)
     latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        out = unet(model_in, t, encoder_hidden_states=torch.cat([negative, embeds])).sample
+        t_in = t if times is None else torch.tensor(times[i], dtype=torch.float64)
+        out = unet(model_in, t_in, encoder_hidden_states=torch.cat([negative, embeds])).sample
         uncond, text = out.chunk(2)
-        latents = scheduler.step(uncond + guidance * (text - uncond), t, latents).prev_sample
+        guided = uncond + guidance * (text - uncond)
+        if rescale:
+            guided = rescale_noise_cfg(guided, text, guidance_rescale=rescale)
+        latents = scheduler.step(guided, t, latents).prev_sample
     return latents
 
 
@@ -215,6 +244,32 @@ def test_stable_diffusion_loop_with_each_scheduler_and_its_plan_scheduler(cls_na
         theirs = sd_loop(unet, base, latents.as_subclass(KeepFloat64), embeds, negative, 7.5, 8)
         ours = sd_loop(unet, PlanScheduler.from_scheduler(base), latents, embeds, negative, 7.5, 8)
     assert rel(ours, theirs.as_subclass(torch.Tensor)) < TOL
+
+
+def test_guidance_rescale_on_a_v_prediction_model_is_diffusers_own():
+    """Stable Diffusion 2's setting: a v-prediction UNet, guidance 7.5 with guidance_rescale 0.7 (not linear: the
+    runner mixes the branches and rescales, then folds the reading). sample_pipeline equals the loop with
+    diffusers' rescale_noise_cfg, on the same times (the network given our times in both)."""
+    unet = sd_unet()
+    base = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                 prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(2)
+    embeds, negative = torch.randn(2, 3, 16, generator=g, dtype=torch.float64), torch.zeros(2, 3, 16,
+                                                                                            dtype=torch.float64)
+    latents = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    plan = PlanScheduler.from_scheduler(base)
+    plan.set_timesteps(8)
+    times = list(plan.grid.times[:-1])
+    pipe = type("Pipe", (), {"unet": unet, "scheduler": base})()
+    with torch.no_grad():
+        loop = sd_loop(unet, plan, latents, embeds, negative, 7.5, 8, rescale=0.7, times=times)
+        whole = sample_pipeline(pipe, latents, "DPM-Solver++2M:lower_order_final=true", guidance=7.5,
+                                guidance_rescale=0.7, cond={"encoder_hidden_states": embeds},
+                                uncond={"encoder_hidden_states": negative}, timesteps=times, backend="fused")
+        plain = sample_pipeline(pipe, latents, "DPM-Solver++2M:lower_order_final=true", guidance=7.5,
+                                cond={"encoder_hidden_states": embeds}, uncond={"encoder_hidden_states": negative},
+                                timesteps=times, backend="fused")
+    assert rel(whole, loop) < TOL and rel(plain, loop) > 1e-3
 
 
 def test_sd3_flow_loop_and_sample_pipeline_on_an_sd3_transformer():

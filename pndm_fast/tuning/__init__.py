@@ -38,7 +38,7 @@ def noise_rows(denoiser: Denoiser, start: int, stop: int, total: int) -> Denoise
                 for k, v in kwargs.items()}
 
     return Denoiser(denoiser.net, denoiser.prediction, cut(denoiser.cond) or None, cut(denoiser.uncond) or None,
-                    denoiser.guidance, denoiser.time_input, **cut(denoiser.model_kwargs))
+                    denoiser.guidance, denoiser.time_input, denoiser.guidance_rescale, **cut(denoiser.model_kwargs))
 
 
 class _Scorer:
@@ -74,7 +74,7 @@ def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.
     denoiser = as_denoiser(model)
     if guidance is not None:
         denoiser = Denoiser(denoiser.net, denoiser.prediction, denoiser.cond or None, denoiser.uncond or None,
-                            guidance, denoiser.time_input, **denoiser.model_kwargs)
+                            guidance, denoiser.time_input, denoiser.guidance_rescale, **denoiser.model_kwargs)
     budgets = sorted({int(b) for b in budgets})
     if not budgets or budgets[0] < 1:
         raise UserError(f"budgets must be integers >= 1, got {budgets}")
