@@ -5,7 +5,8 @@ pipelines' `get_timesteps`), from the input image noised to the first of them wi
 follows diffusers' blend for a plain UNet: after each step the pixels outside the mask (mask 0: keep) are set to the
 input image noised to the level the step reached, with the same starting noise, and after the last step to the
 image itself (on the paper's grid too, whose last level is ac[0], not 1). Both read levels from the grid, so they
-work with every method and grid (docs/stochastic.md).
+work with every method and grid (docs/stochastic.md). The blend is a plan entry (`Blend`, appended to each step by
+`masked_plan`), so it runs on every plan backend, inside a CUDA graph too.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from dataclasses import replace
+
 from .errors import UserError
 from .grids import TimeGrid
 from .levels import Level
+from .plans import Blend, Plan
 
 
 def strength_grid(grid: TimeGrid, strength) -> TimeGrid:
@@ -51,27 +55,34 @@ def noised(image: torch.Tensor, noise: torch.Tensor, level: float) -> torch.Tens
     return at.alpha * image + at.sigma * noise
 
 
-class AfterStep:
-    """What runs after each plan step of an eager run: the mask's blend, then the callback, then the progress bar.
-    `x` is the runner's state buffer, changed in place."""
+def masked_plan(plan: Plan, grid: TimeGrid) -> Plan:
+    """`plan` with inpainting's blend after each step: x <- mask x + (1 - mask) noised(image) at the level the step
+    reached, the image itself after the last (as diffusers' blend does, on the paper's grid too)."""
+    steps = []
+    for i, step in enumerate(plan.steps):
+        at = Level.of(1.0 if i == len(plan.steps) - 1 else grid.level(grid.times[i + 1]))
+        steps.append(step + (Blend("x", at.alpha, at.sigma),))
+    return replace(plan, steps=tuple(steps))
 
-    def __init__(self, runner, grid_times, level, mask=None, image=None, noise=None, callback=None,
-                 eps_of=None, progress: bool = False):
+
+def mask_inputs(mask: torch.Tensor, image: torch.Tensor, noise: torch.Tensor, like: torch.Tensor):
+    """(mask, (1 - mask) image, (1 - mask) noise) in the state's dtype, shaped like it: what `Blend` reads."""
+    dtype, shape = like.dtype, like.shape
+    keep = (1 - mask).to(dtype)
+    return (mask.to(dtype).expand(shape), (keep * image.to(dtype)).expand(shape), (keep * noise.to(dtype)).expand(shape))
+
+
+class AfterStep:
+    """What runs after each plan step of an eager run: the callback, then the progress bar. `x` is the runner's
+    state buffer, changed in place."""
+
+    def __init__(self, runner, grid_times, level, callback=None, eps_of=None, progress: bool = False):
         self.runner, self.times, self.level, self.callback, self.eps_of = runner, grid_times, level, callback, eps_of
-        if mask is not None:  # x <- mask x + (1 - mask) noised(image): mask x + a_k P + s_k Q, P and Q once
-            dtype = runner.x.dtype
-            mask, keep = mask.to(dtype), (1 - mask).to(dtype)
-            self.mask, self.known_image, self.known_noise = mask, keep * image.to(dtype), keep * noise.to(dtype)
-        else:
-            self.mask = None
         self.bar = tqdm(total=len(grid_times) - 1, unit="step", disable=not progress, leave=False)
         runner.watch["on"] = callback is not None
 
     def __call__(self, i: int) -> None:
         x, t_next = self.runner.x, self.times[i + 1]
-        if self.mask is not None:  # the last step keeps the image itself, as diffusers' blend does
-            at = Level.of(1.0 if i == len(self.times) - 2 else self.level(t_next))
-            x.mul_(self.mask).add_(self.known_image, alpha=at.alpha).add_(self.known_noise, alpha=at.sigma)
         if self.callback is not None:
             src, t, outputs = self.runner.watch["last"]
             at = Level.of(self.level(t))

@@ -16,7 +16,7 @@ import torch
 
 from .adapters import Caller
 from .lowering import Forward, Launch, Noise, Program
-from .plans import Threshold
+from .plans import Blend, Threshold
 from .ops import bind
 from .profiling import nvtx_range
 
@@ -37,6 +37,8 @@ class PlanRunner:
         self.x = self.buffers["x"]
         # The run's fresh noises (stochastic plans), all filled before the loop and bound below, in the run's layout.
         self.draws = [buffer(state_dtype) for _ in range(program.draws)]
+        # An inpainting plan's inputs: the mask, (1 - mask) image and (1 - mask) noise, filled before the loop.
+        self.mask_inputs = [buffer(state_dtype) for _ in range(3 if program.masked else 0)]
         self.trajectory = (torch.empty((len(program.steps) + 1, *shape), dtype=state_dtype, device=device)
                            if trajectory else None)
         # A stand-in for every slot while launches are checked once, here: the model's dtype and the run's layout.
@@ -56,6 +58,9 @@ class PlanRunner:
                     drawn[op.dst] = self.draws[op.index]
                 elif isinstance(op, Threshold):
                     calls.append(functools.partial(dynamic_threshold_, self.buffers[op.buf], op.ratio, op.max_value))
+                elif isinstance(op, Blend):
+                    calls.append(functools.partial(blend_, self.buffers[op.buf], *self.mask_inputs, op.image_weight,
+                                                   op.noise_weight))
                 elif isinstance(op, Forward):
                     targets = [[] for _ in op.outputs]
                     for name, target in zip(op.outputs, targets):
@@ -65,10 +70,10 @@ class PlanRunner:
                     calls.append(self._launch(op, consumers, drawn, stand_in, fused_op))
             self.program.append(calls)
 
-    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None) -> None:
-        """Sample from `noise` (with the fresh `draws` a stochastic plan reads); the result is left in `x` (and
-        `trajectory`, when kept)."""
-        load_inputs(self, noise, draws)
+    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
+        """Sample from `noise` (with the fresh `draws` a stochastic plan reads, the `mask_inputs` an inpainting plan
+        reads); the result is left in `x` (and `trajectory`, when kept)."""
+        load_inputs(self, noise, draws, mask_inputs)
         self.walk()
 
     def walk(self, after_step: Callable[[int], None] | None = None) -> None:
@@ -116,14 +121,27 @@ def dynamic_threshold_(x: torch.Tensor, ratio: float, max_value: float) -> None:
     x.copy_(torch.minimum(torch.maximum(x, -s), s) / s)
 
 
-def load_inputs(runner, noise: torch.Tensor, draws: torch.Tensor | None) -> None:
-    """Copy the noise (and a stochastic plan's draws) into the runner's static buffers."""
+def blend_(x: torch.Tensor, mask: torch.Tensor, known_image: torch.Tensor, known_noise: torch.Tensor,
+           image_weight: float, noise_weight: float) -> None:
+    """x <- mask x + image_weight (1 - mask) image + noise_weight (1 - mask) noise, in place."""
+    x.mul_(mask).add_(known_image, alpha=image_weight)
+    if noise_weight:
+        x.add_(known_noise, alpha=noise_weight)
+
+
+def load_inputs(runner, noise: torch.Tensor, draws: torch.Tensor | None, mask_inputs=None) -> None:
+    """Copy the noise (and a stochastic plan's draws, an inpainting plan's mask inputs) into the runner's static
+    buffers."""
     given = 0 if draws is None else len(draws)
     if given != len(runner.draws):
         raise ValueError(f"the plan reads {len(runner.draws)} fresh noises, given {given}")
+    if len(mask_inputs or ()) != len(runner.mask_inputs):
+        raise ValueError(f"the plan reads {len(runner.mask_inputs)} mask inputs, given {len(mask_inputs or ())}")
     runner.x.copy_(noise)
     for buffer, z in zip(runner.draws, draws if given else ()):
         buffer.copy_(z)
+    for buffer, value in zip(runner.mask_inputs, mask_inputs or ()):
+        buffer.copy_(value)
 
 
 def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list], nvtx: bool,
@@ -156,11 +174,12 @@ class GraphRunner:
         # their memory to other tensors while the graph still writes there on each replay.
         self.runner = runner
         self.x, self.draws, self.trajectory, self.caller = runner.x, runner.draws, runner.trajectory, runner.caller
+        self.mask_inputs = runner.mask_inputs
         side = warmup_stream(runner.x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             runner.x.normal_()
-            for buffer in runner.draws:
+            for buffer in runner.draws + runner.mask_inputs:
                 buffer.normal_()
             runner.walk()
         torch.cuda.current_stream().wait_stream(side)
@@ -168,9 +187,10 @@ class GraphRunner:
         with torch.cuda.graph(self.graph):
             runner.walk()
 
-    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None) -> None:
-        """Sample from `noise` (and `draws`) by replaying the graph; the result is left in `x` (and `trajectory`)."""
-        load_inputs(self, noise, draws)
+    def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
+        """Sample from `noise` (and `draws`, `mask_inputs`) by replaying the graph; the result is left in `x` (and
+        `trajectory`)."""
+        load_inputs(self, noise, draws, mask_inputs)
         self.graph.replay()
 
 

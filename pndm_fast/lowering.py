@@ -22,7 +22,7 @@ from typing import Union
 
 from .adapters import Denoiser
 from .ops import MAX_OPERANDS
-from .plans import STATE, Draw, Expr, ModelCall, OnePlus, Plan, Threshold
+from .plans import POINTWISE, STATE, Blend, Draw, Expr, ModelCall, OnePlus, Plan, Threshold
 from .schedule import Schedule
 
 
@@ -72,7 +72,7 @@ class Noise:
         return f"{self.dst} = draw {self.index}"
 
 
-Op = Union[Forward, Launch, Noise, Threshold]  # a plan's Threshold runs as it is
+Op = Union[Forward, Launch, Noise, Threshold, Blend]  # a plan's pointwise entries run as they are
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,11 @@ class Program:
     @property
     def launches(self) -> int:
         return sum(isinstance(op, Launch) for step in self.steps for op in step)
+
+    @property
+    def masked(self) -> bool:
+        """Whether the program blends a mask (inpainting), reading the runner's mask inputs."""
+        return any(isinstance(op, Blend) for step in self.steps for op in step)
 
     def __str__(self) -> str:
         lines = [f"{self.method}: {len(self.steps)} steps, {self.launches} fused launches; state "
@@ -122,7 +127,7 @@ def lower(plan: Plan, denoiser: Denoiser, schedule: Schedule) -> Program:
     i = 0
     while i < len(live):
         op, step = live[i], live_steps[i]
-        if isinstance(op, (Forward, Noise, Threshold)):
+        if isinstance(op, (Forward, Noise, *POINTWISE)):
             steps[step].append(op)
             i += 1
             continue
@@ -147,7 +152,7 @@ def _names(op: Op) -> tuple[str, ...]:
         return (op.src, *op.outputs)
     if isinstance(op, Noise):
         return (op.dst,)
-    if isinstance(op, Threshold):
+    if isinstance(op, POINTWISE):
         return (op.buf,)
     return (op.out, op.base, *op.operands) + ((op.out2,) if op.out2 else ())
 
@@ -162,7 +167,7 @@ def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
                 ops.append(Noise(entry.dst, draws))
                 draws += 1
                 step_of.append(index)
-            elif isinstance(entry, Threshold):
+            elif isinstance(entry, POINTWISE):
                 ops.append(entry)
                 step_of.append(index)
             elif isinstance(entry, ModelCall) and plain:
@@ -184,7 +189,7 @@ def _expand(plan: Plan, denoiser: Denoiser, schedule: Schedule, state: set):
 def _writes(op) -> tuple[str, ...]:
     if isinstance(op, Forward):
         return op.outputs
-    return (op.dst,) if isinstance(op, Noise) else (op.buf,) if isinstance(op, Threshold) else (op.out,)
+    return (op.dst,) if isinstance(op, Noise) else (op.buf,) if isinstance(op, POINTWISE) else (op.out,)
 
 
 def _reads(op) -> tuple[str, ...]:

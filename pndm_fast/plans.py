@@ -168,7 +168,28 @@ class Threshold:
         return f"{self.buf} = threshold({self.buf}, quantile {self.ratio:g}, max {self.max_value:g})"
 
 
-Entry = Union[ModelCall, Lin, Draw, Threshold]
+@dataclass(frozen=True)
+class Blend:
+    """buf = mask buf + image_weight K + noise_weight N: inpainting's blend of the kept pixels back at a level, with
+    the run's inputs mask, K = (1 - mask) image and N = (1 - mask) noise (pndm_fast/editing.py). Pointwise, in
+    place, like Threshold; the runner holds the three inputs."""
+
+    buf: str
+    image_weight: float
+    noise_weight: float
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.buf,)
+
+    def __str__(self) -> str:
+        return (f"{self.buf} = mask {self.buf} + {self.image_weight:.6g} (1 - mask) image + "
+                f"{self.noise_weight:.6g} (1 - mask) noise")
+
+
+POINTWISE = (Threshold, Blend)
+"""Entries that change a state buffer in place, elementwise or per image, outside the fused combinations."""
+
+Entry = Union[ModelCall, Lin, Draw, Threshold, Blend]
 
 
 class PlanError(ValueError):
@@ -197,6 +218,11 @@ class Plan:
     @property
     def model_calls(self) -> int:
         return sum(isinstance(e, ModelCall) for step in self.steps for e in step)
+
+    @property
+    def masked(self) -> bool:
+        """Whether a run blends a mask (inpainting): it then reads the mask and the kept image and noise."""
+        return any(isinstance(e, Blend) for step in self.steps for e in step)
 
     @property
     def draws(self) -> int:
@@ -230,19 +256,19 @@ def validate(plan: Plan) -> None:
     for i, step in enumerate(plan.steps):
         for entry in step:
             where = f"{plan.method}, step {i}, `{entry}`"
-            if not isinstance(entry, (ModelCall, Lin, Draw, Threshold)):
-                raise PlanError(f"{where}: a step holds ModelCall, Lin, Draw and Threshold entries, not "
+            if not isinstance(entry, (ModelCall, Lin, Draw, *POINTWISE)):
+                raise PlanError(f"{where}: a step holds ModelCall, Lin, Draw, Threshold and Blend entries, not "
                                 f"{type(entry).__name__}")
-            wrote = entry.out if isinstance(entry, Lin) else entry.buf if isinstance(entry, Threshold) else entry.dst
+            wrote = entry.out if isinstance(entry, Lin) else entry.buf if isinstance(entry, POINTWISE) else entry.dst
             for name in entry.reads() + (wrote,):
                 if name not in kinds:
                     raise PlanError(f"{where}: buffer {name!r} is not declared (declared: {', '.join(kinds)})")
             missing = [name for name in entry.reads() if name not in written]
             if missing:
                 raise PlanError(f"{where}: reads {', '.join(missing)} before anything wrote it")
-            if isinstance(entry, Threshold):
+            if isinstance(entry, POINTWISE):
                 if kinds[entry.buf] != STATE:
-                    raise PlanError(f"{where}: thresholding works on a state buffer, not {entry.buf!r}")
+                    raise PlanError(f"{where}: {type(entry).__name__} works on a state buffer, not {entry.buf!r}")
             elif isinstance(entry, Draw):
                 if kinds[entry.dst] != NOISE:
                     raise PlanError(f"{where}: a draw writes a noise buffer, not the {kinds[entry.dst]} buffer "

@@ -12,7 +12,7 @@ import torch
 
 from . import auto
 from .adapters import Denoiser, as_denoiser, rescaled_guidance
-from .editing import AfterStep, check_image, eps_evaluator, noised, strength_grid
+from .editing import AfterStep, check_image, eps_evaluator, mask_inputs, masked_plan, noised, strength_grid
 from .engine import GraphRunner, PlanRunner, load_inputs
 from .errors import UserError
 from .grids import TimeGrid, make_grid
@@ -194,10 +194,10 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
 
     Editing (pndm_fast/editing.py, diffusers' conventions): `init_image` (shaped like the noise) with `strength`
     s in (0, 1] runs the last floor(S s) steps of the grid from the image noised to their first level; `mask`
-    (1: repaint, 0: keep; broadcast to the noise) blends the kept pixels back at each step's level.
-    `callback(step, t, x, x0_pred)` runs after every step with the state at time t (x may be changed in place)
-    and the data prediction of the step's last model call; `progress=True` shows a bar of steps. The mask, the
-    callback and the bar run on the eager plan backends (torch, fused, cpp, triton).
+    (1: repaint, 0: keep; broadcast to the noise) blends the kept pixels back at each step's level, as a plan entry
+    (every plan backend, the CUDA graph too). `callback(step, t, x, x0_pred)` runs after every step with the state
+    at time t (x may be changed in place) and the data prediction of the step's last model call; `progress=True`
+    shows a bar of steps. The callback and the bar run on the eager plan backends (torch, fused, cpp, triton).
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
@@ -216,14 +216,17 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     record, grid, plan = resolve_run(schedule, method, sample_step, timesteps, end, model_calls)
     denoiser.check_schedule(schedule)
     check_inputs(denoiser, noise, check_finite)
-    start, watched = noise, mask is not None or callback is not None or progress
+    start, watched = noise, callback is not None or progress
     # auto picks the eager fused backend for a run that something watches between steps (no graph)
     backend = resolve_backend("fused" if watched and backend == "auto" else backend, noise.device)
     if init_image is not None or strength is not None or mask is not None:
         grid, plan, start, init_image, mask = edited(record, grid, noise, init_image, strength, mask)
     if watched and backend in ("reference", "graph"):
-        raise UserError(f"a mask, a callback and progress run between the steps of a plan: backend {backend!r} "
-                        "has no such place; use backend fused (or torch)")
+        raise UserError(f"a callback and progress run between the steps of a plan: backend {backend!r} has no "
+                        "such place; use backend fused (or torch)")
+    if mask is not None and backend == "reference":
+        raise UserError("a mask is blended by the plan: backend 'reference' runs a method's own formulas and has "
+                        "no blend; use backend torch, fused or graph")
     if callback is not None and not callable(callback):
         raise UserError(f"callback must be callable as callback(step, t, x, x0_pred), got {type(callback).__name__}")
     draws = None
@@ -253,13 +256,13 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             runner.caller.load(denoiser)
             draws = None if draws is None else draws.to(runner.x.device, non_blocking=True)
             level = grid.level if grid is not None else schedule.alpha
+            masks = None if mask is None else mask_inputs(mask, init_image, noise, runner.x)
             if watched:
-                after = AfterStep(runner, plan.times, level, mask, init_image, noise, callback,
-                                  eps_evaluator(denoiser, schedule), progress)
-                load_inputs(runner, start, draws)
+                after = AfterStep(runner, plan.times, level, callback, eps_evaluator(denoiser, schedule), progress)
+                load_inputs(runner, start, draws, masks)
                 runner.walk(after)
             else:
-                runner.run(start, draws)
+                runner.run(start, draws, masks)
             out = runner.trajectory if return_trajectory else runner.x
             result = in_family(out, schedule, level, plan.times, return_trajectory).to(noise.dtype, copy=True)
         finally:
@@ -296,7 +299,13 @@ def edited(record, grid, noise, init_image, strength, mask):
         grid = strength_grid(grid, strength)
     # at strength 1 the run starts from the noise itself, as diffusers' pipelines do
     start = noise if strength is None or strength == 1 else noised(init_image, noise, grid.level(grid.times[0]))
-    return grid, cached_plan(grid, record), start, init_image, mask
+    plan = cached_plan(grid, record)
+    return grid, plan if mask is None else cached_masked_plan(plan, grid), start, init_image, mask
+
+
+@functools.lru_cache(maxsize=64)
+def cached_masked_plan(plan: Plan, grid: TimeGrid) -> Plan:
+    return masked_plan(plan, grid)
 
 
 def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_calls, profile, timesteps, end):

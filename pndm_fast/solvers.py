@@ -188,16 +188,19 @@ def heun_plan(grid: TimeGrid) -> Plan:
 def dpm_2s_ancestral_plan(grid: TimeGrid, eta: float = 1.0, s_noise: float = 1.0) -> Plan:
     """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral): the ODE from rho down to rho_down by
     the data-prediction solver's second-order singlestep, its midpoint at the geometric mean sqrt(rho rho_down)
-    (half the step in lambda), then fresh noise rho_up; a step down to rho_down = 0 is Euler's (one call).
+    (half the step in lambda), then fresh noise rho_up. The last step is Euler's alone, one call (k-diffusion's
+    step to sigma = 0; on a grid ending above it, as Heun's), so S steps make 2S - 1 calls.
     Written on the variance-preserving state: DPM-Solver++(1) from a to b is x_b = (sigma_b / sigma_a) x_a -
     alpha_b (e^{-h} - 1) D with h = lambda_b - lambda_a."""
-    schedule, steps = grid.schedule, []
-    for t, t_next in grid.pairs:
+    schedule, steps, pairs = grid.schedule, [], grid.pairs
+    for i, (t, t_next) in enumerate(pairs):
         level, after = Level.of(grid.level(t)), Level.of(grid.level(t_next))
         down, up = ancestral_split(level.rho, after.rho, eta)
         data = (X - level.sigma * var("e1")) / level.alpha  # D at the step's start
-        if down == 0:  # Euler to sigma = 0: the data prediction itself
-            steps.append((ModelCall("x", t, "e1"), Lin("x", data)))
+        if i == len(pairs) - 1:  # Euler in x / alpha down to rho_down, then the noise up to the next level
+            ratio = down / level.rho
+            update = (after.alpha * ratio / level.alpha) * X + after.alpha * (1 - ratio) * data
+            steps.append(with_noise((ModelCall("x", t, "e1"),), "x", update, after.alpha * s_noise * up))
             continue
         low, mid = Level.from_sigma(down), Level.from_sigma(math.sqrt(level.rho * down))
         h = low.lam - level.lam

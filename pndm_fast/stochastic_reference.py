@@ -34,8 +34,8 @@ def heun(m, x, times, acs) -> list[torch.Tensor]:
 def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0, time_of=None):
     """k-diffusion's sample_dpmpp_2s_ancestral on y = x / alpha with t = -log(rho): from t to t_next = -log(rho_down)
     the midpoint s = t + h / 2, y_2 = (rho_s / rho_t) y - expm1(-h / 2) D, D_2 the model there, y = (rho_down /
-    rho_t) y - expm1(-h) D_2 (Euler's step when rho_down = 0), then y += s_noise rho_up z. The model is called on
-    x = alpha y at the time `time_of` gives the midpoint's level."""
+    rho_t) y - expm1(-h) D_2 (the last step Euler's, k-diffusion's step to rho_down = 0), then y += s_noise rho_up z.
+    The model is called on x = alpha y at the time `time_of` gives the midpoint's level."""
     fresh, xs = iter(draws), [x]
     for i in range(len(acs) - 1):
         alpha, sigma, _ = tensor_levels(acs[i])
@@ -45,7 +45,7 @@ def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: floa
         denoised = _x0(xs[-1], m(xs[-1], times[i]), acs[i])
         rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
         rho_down = (rho_next**2 - rho_up**2).sqrt()
-        if rho_down == 0:
+        if i == len(acs) - 2:  # the last step: Euler's alone
             y = y + (y - denoised) / rho * (rho_down - rho)
         else:
             t, t_next = -torch.log(rho), -torch.log(rho_down)

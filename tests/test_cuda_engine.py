@@ -136,3 +136,20 @@ def test_a_watched_run_takes_the_eager_backend_on_cuda(nets):
         x = sample(model, noise, LINEAR, "DDIM", 5, callback=lambda i, t, x, x0: steps.append(i))
         assert torch.equal(x, sample(model, noise, LINEAR, "DDIM", 5, "fused"))
     assert steps == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["DDIM", "Euler-a"])
+def test_the_graph_blends_the_mask_as_the_eager_run(nets, method):
+    """Inpainting's blend is a captured plan step reading static mask inputs: the graph gives the eager fused run's
+    images, with the kept pixels the image's exactly, and a new image changes them on replay."""
+    model, _ = nets
+    noise = torch.randn(2, 1, 8, 8, device="cuda")
+    image = torch.rand(2, 1, 8, 8, device="cuda") * 2 - 1
+    mask = torch.zeros(1, 1, 8, 8, device="cuda")
+    mask[..., :4] = 1
+    with torch.no_grad():
+        eager = sample(model, noise, LINEAR, method, 8, "fused", init_image=image, mask=mask, seed=2)
+        graph = sample(model, noise, LINEAR, method, 8, "graph", init_image=image, mask=mask, seed=2)
+        other = sample(model, noise, LINEAR, method, 8, "graph", init_image=-image, mask=mask, seed=2)
+    assert torch.allclose(graph, eager, atol=1e-5) and torch.equal(graph[..., 4:], image[..., 4:])
+    assert torch.equal(other[..., 4:], -image[..., 4:])

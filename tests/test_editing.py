@@ -9,8 +9,9 @@ import types
 import pytest
 import torch
 
-from pndm_fast import Schedule, UserError, make_grid, sample
-from pndm_fast.editing import strength_grid
+from pndm_fast import Schedule, UserError, build_plan, make_grid, sample
+from pndm_fast.editing import masked_plan, strength_grid
+from pndm_fast.plans import Blend
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warnings inside diffusers
 MU, STD = 0.4, 0.5
@@ -68,6 +69,20 @@ def test_inpainting_keeps_the_kept_pixels_exactly(timesteps):
                      mask=mask)
         assert torch.equal(out[..., 2:], image[..., 2:])
         assert (out[..., :2] - image[..., :2]).abs().max() > 0.1  # the repainted half is the model's
+        # the blend is a plan entry: the plain-torch plan gives the fused run's images
+        torch_out = sample(model_on(LINEAR), noise, LINEAR, method, 10, "torch", timesteps=timesteps,
+                           init_image=image, mask=mask)
+        assert torch.allclose(torch_out, out, rtol=0, atol=1e-12)
+
+
+def test_the_masked_plan_blends_after_every_step_and_keeps_the_image_last():
+    grid = make_grid(LINEAR, "logsnr", 4)
+    plan = masked_plan(build_plan(LINEAR, "DDIM", 4, timesteps="logsnr"), grid)
+    blends = [step[-1] for step in plan.steps]
+    assert all(isinstance(b, Blend) and b.buf == "x" for b in blends) and plan.masked
+    levels = [grid.level(t) for t in grid.times[1:-1]] + [1.0]
+    assert [b.image_weight for b in blends] == pytest.approx([v ** 0.5 for v in levels], rel=1e-15)
+    assert [b.noise_weight for b in blends] == pytest.approx([(1 - v) ** 0.5 for v in levels], abs=1e-15)
 
 
 def test_bad_editing_input_gets_one_line():
@@ -81,7 +96,7 @@ def test_bad_editing_input_gets_one_line():
     for kwargs, message in cases:
         with pytest.raises(UserError, match=message):
             sample(model_on(LINEAR), noise, LINEAR, "DDIM", 10, "torch", **kwargs)
-    with pytest.raises(UserError, match="backend 'reference' has no such place"):
+    with pytest.raises(UserError, match="backend 'reference' runs a method's own formulas and has no blend"):
         sample(model_on(LINEAR), noise, LINEAR, "DDIM", 10, "reference", init_image=image, mask=mask)
 
 
