@@ -36,8 +36,11 @@ class Level:
 
     @classmethod
     def from_sigma(cls, rho: float) -> "Level":
-        """The level whose noise scale of x / alpha, rho = sigma / alpha (EDM's and diffusers' "sigma"), is given."""
-        return cls.of(1.0 / (1.0 + rho * rho))
+        """The level whose noise scale of x / alpha, rho = sigma / alpha (EDM's and diffusers' "sigma"), is given;
+        1 - ac as rho^2 / (1 + rho^2) itself, not 1 minus ac (near the data that subtraction loses ~1e-10)."""
+        rho = float(rho)
+        ac, om = 1.0 / (1.0 + rho * rho), rho * rho / (1.0 + rho * rho)
+        return cls(ac, om, math.sqrt(ac), math.sqrt(om), math.inf if rho == 0 else -math.log(rho), rho)
 
     @classmethod
     def from_lambda(cls, lam: float) -> "Level":

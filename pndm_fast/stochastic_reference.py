@@ -50,9 +50,9 @@ def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: floa
         else:
             t, t_next = -torch.log(rho), -torch.log(rho_down)
             h = t_next - t
-            s = t + h / 2
-            y_mid = (torch.exp(-s) / rho) * y - torch.expm1(-h / 2) * denoised
-            ac_mid = 1 / (1 + torch.exp(-2 * s))
+            rho_mid = (rho * rho_down).sqrt()  # exp(-s) at the midpoint s = t + h / 2
+            y_mid = (rho_mid / rho) * y - torch.expm1(-h / 2) * denoised
+            ac_mid = 1 / (1 + rho_mid**2)
             x_mid = y_mid * ac_mid.sqrt()
             denoised_mid = _x0(x_mid, m(x_mid, time_of(float(ac_mid))), ac_mid)
             y = (rho_down / rho) * y - torch.expm1(-h) * denoised_mid
