@@ -31,55 +31,51 @@ def heun(m, x, times, acs) -> list[torch.Tensor]:
     return xs
 
 
-def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0, time_of=None):
-    """k-diffusion's sample_dpmpp_2s_ancestral on y = x / alpha with t = -log(rho): from t to t_next = -log(rho_down)
-    the midpoint s = t + h / 2, y_2 = (rho_s / rho_t) y - expm1(-h / 2) D, D_2 the model there, y = (rho_down /
-    rho_t) y - expm1(-h) D_2 (the last step Euler's, k-diffusion's step to rho_down = 0), then y += s_noise rho_up z.
-    The model is called on x = alpha y at the time `time_of` gives the midpoint's level."""
+def _ancestral(m, x, times, acs, draws, eta: float, s_noise: float, descend) -> list[torch.Tensor]:
+    """k-diffusion's ancestral loop on y = x / alpha, noise scale rho = sigma / alpha: `descend(i, y, denoised,
+    rho, rho_down)` takes y down to rho_down (rho_up = min(rho', eta sqrt(rho'^2 (rho^2 - rho'^2) / rho^2)),
+    rho_down = sqrt(rho'^2 - rho_up^2)), then fresh noise s_noise rho_up z brings it up to the next level; the
+    states are returned as x = alpha y (the model is called on x)."""
     fresh, xs = iter(draws), [x]
     for i in range(len(acs) - 1):
         alpha, sigma, _ = tensor_levels(acs[i])
         alpha_next, sigma_next, _ = tensor_levels(acs[i + 1])
         rho, rho_next = sigma / alpha, sigma_next / alpha_next
-        y = xs[-1] / alpha
         denoised = _x0(xs[-1], m(xs[-1], times[i]), acs[i])
         rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
         rho_down = (rho_next**2 - rho_up**2).sqrt()
-        if i == len(acs) - 2:  # the last step: Euler's alone
-            y = y + (y - denoised) / rho * (rho_down - rho)
-        else:
-            t, t_next = -torch.log(rho), -torch.log(rho_down)
-            h = t_next - t
-            rho_mid = (rho * rho_down).sqrt()  # exp(-s) at the midpoint s = t + h / 2
-            y_mid = (rho_mid / rho) * y - torch.expm1(-h / 2) * denoised
-            ac_mid = 1 / (1 + rho_mid**2)
-            x_mid = y_mid * ac_mid.sqrt()
-            denoised_mid = _x0(x_mid, m(x_mid, time_of(float(ac_mid))), ac_mid)
-            y = (rho_down / rho) * y - torch.expm1(-h) * denoised_mid
+        y = descend(i, xs[-1] / alpha, denoised, rho, rho_down)
         if rho_up > 0:  # no draw where no noise is added (eta 0, the last step)
             y = y + next(fresh) * s_noise * rho_up
         xs.append(alpha_next * y)
     return xs
+
+
+def _euler(i, y, denoised, rho, rho_down):
+    return y + (y - denoised) / rho * (rho_down - rho)  # d = (y - D) / rho
 
 
 def euler_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0) -> list[torch.Tensor]:
-    """k-diffusion's sample_euler_ancestral on the variance-exploding variable y = x / alpha, noise scale
-    rho = sigma / alpha: d = (y - denoised) / rho, y <- y + d (rho_down - rho) + s_noise rho_up z; the states
-    are returned as x = alpha y (the model is called on x)."""
-    fresh, xs = iter(draws), [x]
-    for i in range(len(acs) - 1):
-        alpha, sigma, _ = tensor_levels(acs[i])
-        alpha_next, sigma_next, _ = tensor_levels(acs[i + 1])
-        rho, rho_next = sigma / alpha, sigma_next / alpha_next
-        y = xs[-1] / alpha
-        denoised = _x0(xs[-1], m(xs[-1], times[i]), acs[i])
-        rho_up = torch.minimum(rho_next, eta * (rho_next**2 * (rho**2 - rho_next**2) / rho**2).sqrt())
-        rho_down = (rho_next**2 - rho_up**2).sqrt()
-        y = y + (y - denoised) / rho * (rho_down - rho)
-        if rho_up > 0:  # no draw where no noise is added (eta 0, the last step)
-            y = y + next(fresh) * s_noise * rho_up
-        xs.append(alpha_next * y)
-    return xs
+    """k-diffusion's sample_euler_ancestral: an Euler step d = (y - denoised) / rho down to rho_down."""
+    return _ancestral(m, x, times, acs, draws, eta, s_noise, _euler)
+
+
+def dpm_2s_ancestral(m, x, times, acs, draws=(), eta: float = 1.0, s_noise: float = 1.0, time_of=None):
+    """k-diffusion's sample_dpmpp_2s_ancestral, with t = -log(rho): from t to t_next = -log(rho_down) the
+    midpoint s = t + h / 2, y_2 = (rho_s / rho_t) y - expm1(-h / 2) D, D_2 the model there, y = (rho_down /
+    rho_t) y - expm1(-h) D_2 (the last step Euler's, k-diffusion's step to rho_down = 0). The model is called on
+    x = alpha y at the time `time_of` gives the midpoint's level."""
+    def second_order(i, y, denoised, rho, rho_down):
+        if i == len(acs) - 2:
+            return _euler(i, y, denoised, rho, rho_down)
+        h = torch.log(rho) - torch.log(rho_down)
+        rho_mid = (rho * rho_down).sqrt()  # exp(-s) at the midpoint s = t + h / 2
+        ac_mid = 1 / (1 + rho_mid**2)
+        x_mid = ((rho_mid / rho) * y - torch.expm1(-h / 2) * denoised) * ac_mid.sqrt()
+        denoised_mid = _x0(x_mid, m(x_mid, time_of(float(ac_mid))), ac_mid)
+        return (rho_down / rho) * y - torch.expm1(-h) * denoised_mid
+
+    return _ancestral(m, x, times, acs, draws, eta, s_noise, second_order)
 
 
 def sde_dpm_solver_pp(m, x, times, acs, draws, order: int = 2, lower_order_final: bool = True):
