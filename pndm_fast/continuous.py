@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from .errors import UserError
+from .grids import spaced
 from .levels import Level
 from .schedule import NoiseSchedule
 
@@ -120,14 +121,8 @@ class EDMSchedule(NoiseSchedule):
 
     def uniform_times(self, steps: int, end: str) -> tuple[float, ...]:
         hi, lo = self.sigma_max ** (1 / self.rho), self.sigma_min ** (1 / self.rho)
-        points = steps if end == "zero" else steps + 1
-        times = [float((hi + (lo - hi) * v) ** self.rho) for v in np.linspace(0.0, 1.0, points)]
-        if end == "zero" and steps == 1:
-            times = [self.sigma_max]
-        times[0] = self.sigma_max
-        if len(times) > 1:
-            times[-1] = self.sigma_min
-        return tuple(times) + ((0.0,) if end == "zero" else ())
+        return spaced(steps, end, self.sigma_max, self.sigma_min, lambda u: (hi + (lo - hi) * u) ** self.rho,
+                      self.t_data)
 
     def fingerprint(self) -> bytes:
         return np.array([self.sigma_min, self.sigma_max, self.rho], dtype=np.float64).tobytes()
@@ -184,9 +179,8 @@ class VPSchedule(NoiseSchedule):
 
     def uniform_times(self, steps: int, end: str) -> tuple[float, ...]:
         """Uniform in t from t_max to t_eps (S + 1 points with end "min"; S calls and the data with "zero")."""
-        points = steps if end == "zero" else steps + 1
-        times = list(np.linspace(self.t_max, self.t_min, points)) if points > 1 else [self.t_max]
-        return tuple(float(t) for t in times) + ((0.0,) if end == "zero" else ())
+        return spaced(steps, end, self.t_max, self.t_min, lambda u: self.t_max + (self.t_min - self.t_max) * u,
+                      self.t_data)
 
     def fingerprint(self) -> bytes:
         kind = 0.0 if self.kind == "linear" else 1.0
@@ -199,7 +193,7 @@ def schedule_from_config(section: dict) -> NoiseSchedule:
     from .config import validate_schedule
     from .schedule import Schedule
 
-    validate_schedule(section)
-    if section.get("type") == "flow":
+    if isinstance(section, dict) and section.get("type") == "flow":
+        validate_schedule(section)
         return FlowSchedule(section.get("shift", 1.0), int(section.get("diffusion_step", 1000)))
-    return Schedule.from_config(section)
+    return Schedule.from_config(section)  # which validates the section itself

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .adapters import DIFFUSERS_PREDICTIONS
 from .continuous import EDMSchedule, FlowSchedule
 from .errors import UserError
 from .levels import SIGMA_DATA
@@ -22,7 +23,6 @@ from .schedule import NoiseSchedule, Schedule, make_betas
 # diffusers' beta_schedule name -> pndm_fast.schedule.make_betas' kind (the same formulas: scaled_linear is
 # linear in sqrt(beta), squaredcos_cap_v2 is the cosine alpha_bar of Nichol & Dhariwal capped at beta 0.999)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine"}
-PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 VP_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
               "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
               "UniPCMultistepScheduler", "DEISMultistepScheduler")
@@ -79,8 +79,9 @@ def read_scheduler(scheduler, dynamic_shift: float | None = None) -> DiffusersRe
                 key == "use_dynamic_shifting" and dynamic_shift is not None):
             raise UserError(f"{name} with {key}={config[key]!r}: {what} cannot be represented in pndm_fast")
     prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTIONS:
-        raise UserError(f"{name} has prediction_type {prediction!r}: expected one of {', '.join(PREDICTIONS)}")
+    if prediction not in DIFFUSERS_PREDICTIONS:
+        raise UserError(f"{name} has prediction_type {prediction!r}: expected one of "
+                        f"{', '.join(DIFFUSERS_PREDICTIONS)}")
     flow = name in FLOW_CLASSES or config.get("use_flow_sigmas", False)
     if flow:
         if name not in FLOW_CLASSES and prediction != "flow_prediction":
@@ -100,7 +101,7 @@ def read_scheduler(scheduler, dynamic_shift: float | None = None) -> DiffusersRe
     betas = getattr(scheduler, "betas", None) if not isinstance(scheduler, dict) else None
     schedule = Schedule(betas.double().numpy() if betas is not None else betas_of(name, config),
                         description=f"{name}'s betas")
-    return DiffusersReading(name, schedule, PREDICTIONS[prediction], "t", _method(name, config))
+    return DiffusersReading(name, schedule, DIFFUSERS_PREDICTIONS[prediction], "t", _method(name, config))
 
 
 def betas_of(name: str, config: dict) -> np.ndarray:

@@ -8,14 +8,13 @@ import torch
 
 from .adapters import Denoiser
 from .diffusers_schedulers import read_scheduler
+from .errors import UserError
 
 
 def pipeline_network(pipe) -> torch.nn.Module:
     """The denoising network of a diffusers pipeline: its unet, else its transformer."""
     net = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if net is None:
-        from .errors import UserError
-
         raise UserError(f"{type(pipe).__name__} has neither a unet nor a transformer to sample")
     return net
 

@@ -386,10 +386,14 @@ def reference_eps_model(model, channels: int, schedule: Schedule | None = None):
     with a Denoiser, guidance as eps_u + w (eps_c - eps_u) from two separate forwards, and a prediction other
     than eps converted at the model's level alpha(t)."""
     denoiser = as_denoiser(model)
+    time_dtypes = {}  # the time's dtype for each state dtype (the model's dtype does not change during a run)
 
     def raw(x: torch.Tensor, t: float, kwargs: dict) -> torch.Tensor:
         time = t if schedule is None else denoiser.network_time(schedule, t)
-        time_dtype = torch.float64 if model_dtype_of(denoiser.module, x.dtype) == torch.float64 else torch.float32
+        if x.dtype not in time_dtypes:
+            float64 = model_dtype_of(denoiser.module, x.dtype) == torch.float64
+            time_dtypes[x.dtype] = torch.float64 if float64 else torch.float32
+        time_dtype = time_dtypes[x.dtype]
         times = torch.full((x.shape[0],), time, dtype=time_dtype, device=x.device)
         scale = 1.0 if schedule is None else denoiser.input_scale(schedule, t)
         out = denoiser.net(x if scale == 1.0 else scale * x, times, **denoiser.model_kwargs, **kwargs)
