@@ -41,15 +41,17 @@ def render(results: dict, command: str) -> str:
     lines = ["## The tuner on the analytic mixtures", "",
              f"`{command}`: `pndm_fast.tune` on each mixture's exact eps model (linear table), its choice's error "
              "validated on noises the selection never saw, against the best diffusers configuration it measured on "
-             f"the same validation noises. {UNSEEN} is the mixture no part of the tuner's design was tried on.", "",
-             "| mixture | calls | tuned choice | its error | diffusers' best | its error | ratio | tuning |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"the same validation noises, and the static table's (`auto` without a profile) there. {UNSEEN} is "
+             "the mixture no part of the tuner's design was tried on.", "",
+             "| mixture | calls | tuned choice | its error | diffusers' best | its error | ratio | static table's "
+             "error | tuning |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         for budget, entry in sorted(result["budgets"].items()):
             peer = entry.get("diffusers", {})
             lines.append(f"| {name} | {budget} | {entry['label']} | {entry['error']:.3g} | {peer.get('label', '-')} "
                          f"| {peer.get('error', float('nan')):.3g} | {peer.get('ratio', float('nan')):.2f} | "
-                         f"{result['seconds']:.0f} s for all budgets |")
+                         f"{entry['static']['error']:.3g} | {result['seconds']:.0f} s for all budgets |")
     return "\n".join(lines)
 
 

@@ -3,15 +3,18 @@ selection that never sees the validation noises, and profiles that round-trip, r
 for another model, schedule or guidance scale."""
 
 import copy
+import itertools
 import math
+
+import numpy as np
 
 import pytest
 import torch
-from mixture import MixtureEps, ring_2d
+from mixture import GaussianMixture, MixtureEps, ring_2d
 
 from pndm_fast import Denoiser, Schedule, UserError, make_grid, sample
 from pndm_fast.levels import Level
-from pndm_fast.tuning import Profile, Teacher, tune
+from pndm_fast.tuning import Profile, Teacher, dynamic, tune
 from pndm_fast.tuning.search import Candidate, optimise_times
 from pndm_fast.tuning.teacher import relative_error
 
@@ -58,6 +61,54 @@ def test_the_optimiser_finds_a_known_best_grid():
     assert best.grid.times[:-1] == pytest.approx(tuple(target), abs=2.0)
 
 
+def test_the_least_cost_path_is_the_best_of_every_path():
+    """Against every path, enumerated. Planted: a path read back one step off, the emphasis on the first steps."""
+    rng = np.random.default_rng(0)
+    n = 9
+    costs = np.triu(rng.uniform(0.1, 1.0, (n, n + 1)), k=1)
+    costs[costs == 0] = np.inf
+    errors = dynamic.LocalErrors(tuple(float(t) for t in range(900, 0, -100)), costs, 1.0, 0)
+    for count, emphasis in itertools.product(range(1, 6), (1.0, 1.3)):
+        def total(path):
+            nodes = list(path) + [n]
+            return sum(emphasis ** k * costs[a, b] for k, (a, b) in enumerate(zip(nodes, nodes[1:])))
+
+        best = min(((0,) + rest for rest in itertools.combinations(range(1, n), count - 1)), key=total)
+        assert errors.calls(count, emphasis) == tuple(errors.times[i] for i in best), (count, emphasis)
+
+
+def test_a_local_error_is_the_error_it_leaves_in_the_data_for_gaussian_data():
+    """For data N(0, s^2 I) the ODE is linear: x_t = r_t / r_T x_T with r_t = sqrt(alpha^2 s^2 + sigma^2). So the
+    cost of a step from candidate i to j must equal the relative error in the data of one DDIM step from the exact
+    x_i to t_j followed by the exact flow to the data. Planted: an unweighted local error, a wrong DDIM step."""
+    s, d = 0.5, 16
+    model = MixtureEps(GaussianMixture.create([1.0], torch.zeros(1, d), [s], (d, 1, 1)), LINEAR)
+    noise = torch.randn(64, d, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    noise = (noise - noise.mean(0)) / noise.std(0, unbiased=False)  # the data's spread is then exactly s
+    errors = dynamic.measure(Denoiser(model), LINEAR, noise, 100, backend="torch")
+
+    def level(t):
+        lv = Level.of(LINEAR.alpha(t))
+        return lv.alpha, lv.sigma, math.sqrt(lv.alpha ** 2 * s ** 2 + lv.sigma ** 2)
+
+    z = noise.flatten(1) / level(LINEAR.t_max)[2]  # the data the exact flow reaches is s z
+    checked = 0
+    for i, j in [(0, 1), (0, 20), (3, 30), (10, 11), (25, 40), (40, 60), (5, len(errors.times))]:
+        a_i, sig_i, r_i = level(errors.times[i])
+        x_i = r_i * z
+        x0_i, eps_i = a_i * s ** 2 / r_i ** 2 * x_i, sig_i / r_i ** 2 * x_i
+        if j == len(errors.times):
+            reached = x0_i
+        else:
+            a_j, sig_j, r_j = level(errors.times[j])
+            reached = s / r_j * (a_j * x0_i + sig_j * eps_i)
+        expected = float(((reached - s * z).norm(dim=1) / (s * z).norm(dim=1)).mean())
+        assert errors.costs[i, j] == pytest.approx(expected, rel=2e-2, abs=1e-6), (i, j)
+        checked += expected > 1e-3
+    assert checked >= 5
+    assert errors.forwards > 0 and len(errors.times) >= 40
+
+
 def test_selection_never_sees_the_validation_noises(ring):
     selection, validation = noises(8, 2), noises(8, 3)
     runs = {"selection": 0, "validation": 0}
@@ -74,9 +125,9 @@ def test_selection_never_sees_the_validation_noises(ring):
             return self.inner(x, t)
 
     profile = tune(Spy(), LINEAR, [4, 6], selection, validation, backend="torch", finalists=2, **SMALL)
-    # the teacher runs on both sets together; apart from it only each budget's (at most 2) finalists see the
-    # validation noises, and everything before them runs on the selection noises
-    assert 2 <= runs["validation"] <= 2 * 2 and runs["selection"] > 20, runs
+    # the teacher runs on both sets together; apart from it only each budget's (at most 2) finalists and auto's
+    # static choice see the validation noises, and everything before them runs on the selection noises
+    assert 2 <= runs["validation"] <= 2 * 3 and runs["selection"] > 20, runs
     for budget in (4, 6):
         entry = profile.budgets[budget]
         assert entry["model_calls"] <= budget and entry["error"] < 0.2
@@ -123,7 +174,10 @@ def test_the_bundled_digits_model_samples_auto_with_its_own_profile():
 
     model, schedule = pretrained("digits")
     profile = bundled_profile(model, schedule)
-    assert profile is not None and profile.info["config"] == "digits" and sorted(profile.budgets) == [4, 5, 6, 8, 10]
+    assert profile is not None and profile.info["config"] == "digits"
+    assert {4, 5, 6, 8, 10} <= set(profile.budgets)
+    for entry in profile.budgets.values():  # never worse than diffusers' best on its noises
+        assert entry["error"] <= entry["diffusers"]["error"]
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     for budget in (4, 7, 10):
         method, grid = profile.choice(schedule, budget)
@@ -159,7 +213,7 @@ def test_the_guided_digits_model_has_a_profile_per_guidance_scale():
         assert found[guidance] is None or found[guidance].to_json() == named.to_json()
         if found[guidance] is None:
             continue
-        assert found[guidance].guidance == guidance and sorted(found[guidance].budgets) == [4, 5, 6, 8, 10]
+        assert found[guidance].guidance == guidance and {4, 5, 6, 8, 10} <= set(found[guidance].budgets)
         for entry in found[guidance].budgets.values():  # never worse than diffusers' best on its noises
             assert entry["error"] <= entry["diffusers"]["error"]
         method, grid = found[guidance].choice(schedule, 6)

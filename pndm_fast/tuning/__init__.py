@@ -4,11 +4,14 @@ against a teacher, chosen on one set of noises and validated on another (docs/tu
     profile = pndm_fast.tune(model, schedule, [4, 5, 6, 8, 10], noise=n1, validation_noise=n2)
     x = pndm_fast.sample(model, noise, schedule, "auto", model_calls=6, profile=profile)
 
-Per budget: (1) every method and option on every grid family, fitted to the budget, screened on the first
-`screen` selection noises; (2) the best few on the bounded families again with their last call at several
-levels, on every selection noise; (3) the call times of the best `optimise` moved by a pattern search; (4) the
-finalists, and the best diffusers configuration when diffusers is installed, scored on the validation noises:
-the lowest validated error is the choice, so it is never worse there than the best diffusers configuration.
+Once per run, the local errors along the teacher's trajectories from the selection noises give the call times of
+least total error for every number of calls (dynamic programming, `dynamic.py`). Per budget: (1) every method
+and option on every grid family and on those times, fitted to the budget, screened on the first `screen`
+selection noises; (2) the best few on the bounded families again with their last call at several levels, on
+every selection noise; (3) the call times of the best `optimise` moved by a pattern search; (4) the finalists,
+the best diffusers configuration when diffusers is installed and auto's static choice, scored on the validation
+noises: the lowest validated error is the choice, so it is never worse there than the best diffusers
+configuration or auto's static table.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import time
 
 import torch
 
+from .. import auto
 from ..adapters import Denoiser, as_denoiser
 from ..errors import UserError
 from ..methods import method_record
 from ..sampling import cached_plan, sample
+from . import dynamic
 from .peers import peer_candidates
 from .profile import Profile
 from .search import BOUNDED, FAMILIES, LAST_SIGMAS, Candidate, family_candidates, lowest, method_variants, \
@@ -85,6 +90,9 @@ def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.
     teacher = Teacher.solve(denoiser, torch.cat([noise, validation_noise]), schedule, teacher_steps, backend)
     say = progress or (lambda text: None)
     say(f"teacher: {teacher.steps} steps, estimated error {teacher.error:.2e}")
+    n, total = len(noise), len(noise) + len(validation_noise)
+    local = dynamic.measure(noise_rows(denoiser, 0, n, total), schedule, noise, teacher.steps, backend)
+    say(f"local errors at {len(local.times)} candidate times")
     if profile is None:
         profile = Profile.for_run(denoiser, schedule)
     else:
@@ -93,26 +101,28 @@ def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.
         if budget in profile.budgets:
             continue
         begun = time.perf_counter()
-        teacher, entry = _tune_budget(denoiser, schedule, budget, noise, validation_noise, teacher, methods, families,
-                                      screen, finalists, optimise, evaluations, backend, peers, say)
+        teacher, entry = _tune_budget(denoiser, schedule, budget, noise, validation_noise, teacher, local, methods,
+                                      families, screen, finalists, optimise, evaluations, backend, peers, say)
         entry["seconds"] = round(time.perf_counter() - begun, 1)
         profile.budgets[budget] = entry
         profile.info = {**profile.info, "teacher": {"method": "PNDM-exact", "grid": "teacher", "steps": teacher.steps,
                                     "error": teacher.error},
                         "noises": {"selection": len(noise), "validation": len(validation_noise)},
+                        "local_errors": {"candidates": len(local.times), "forwards": local.forwards},
                         "seconds": round(time.perf_counter() - started, 1)}
         if on_budget is not None:
             on_budget(profile)
     return profile
 
 
-def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, methods, families, screen, finalists,
-                 optimise, evaluations, backend, peers, say):
+def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, local, methods, families, screen,
+                 finalists, optimise, evaluations, backend, peers, say):
     n, total = len(noise), len(noise) + len(validation_noise)
     screen = min(screen, n)
     select = _Scorer(model, schedule, noise, teacher.x[:n], backend, (0, n, total))
     first = _Scorer(model, schedule, noise[:screen], teacher.x[:screen], backend, (0, screen, total))
-    candidates = family_candidates(schedule, budget, methods, families)
+    candidates = family_candidates(schedule, budget, methods, families) + \
+        dynamic.dp_candidates(local, schedule, budget, methods)
     theirs = peer_candidates(schedule, budget) if peers else []
     screened = {c: first(c) for c in candidates + theirs}
     say(f"{budget} calls: {len(screened)} candidates screened")
@@ -144,6 +154,9 @@ def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, meth
     if peer_best is not None:
         peer_error = validate(peer_best)
         final[peer_best] = peer_error
+    static = _static_choice(schedule, budget)
+    if static is not None:  # never worse than what `auto` runs without a profile
+        final[static] = validate(static)
     choice = min(final, key=final.get)
     say(f"{budget} calls: {choice.label}, validated error {final[choice]:.4g}")
     entry = {"method": choice.method, "times": list(choice.grid.times), "convention": choice.grid.convention,
@@ -152,4 +165,15 @@ def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, meth
              "tuning_forwards": first.forwards + select.forwards + validate.forwards}
     if peer_best is not None:
         entry["diffusers"] = {"label": peer_best.label, "error": peer_error, "ratio": final[choice] / peer_error}
+    if static is not None:
+        entry["static"] = {"label": static.label, "error": final[static]}
     return teacher, entry
+
+
+def _static_choice(schedule, budget: int) -> Candidate | None:
+    """auto's fixed table's configuration for `budget` (pndm_fast/auto.py), as a candidate."""
+    try:
+        method, grid = auto.choose(schedule, budget)
+    except UserError:
+        return None
+    return Candidate(method.name, grid, f"{method.name} on {grid.name} (the static table)")

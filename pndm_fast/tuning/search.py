@@ -63,9 +63,9 @@ def family_candidates(schedule, budget: int, methods, families=FAMILIES, last_si
     return out
 
 
-def explicit(schedule, calls) -> TimeGrid:
+def explicit(schedule, calls, name: str = "tuned") -> TimeGrid:
     """The grid that calls the model at `calls` (decreasing) and ends at sigma = 0."""
-    return TimeGrid(schedule, tuple(float(t) for t in calls) + (schedule.t_data,), MODEL, "tuned")
+    return TimeGrid(schedule, tuple(float(t) for t in calls) + (schedule.t_data,), MODEL, name)
 
 
 def optimise_times(evaluate, candidate: Candidate, schedule, evaluations: int) -> tuple[Candidate, float]:
