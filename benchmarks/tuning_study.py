@@ -66,9 +66,9 @@ class Setup:
         self.schedule, self.shape = self.source.schedule, self.source.shape
         self.profile = bundled_profile_named(config, guidance or 1.0)
 
-    def model(self, count: int, total: int | None = None, first: int = 0):
+    def model(self, count: int, first: int = 0):
         """The Denoiser for images first .. first + count - 1 (classes as `--class all` gives them in the tune
-        command: image i of `total` has class i mod classes)."""
+        command: image i has class i mod classes)."""
         if self.guidance is None:
             return denoiser_for(self.source, None, 1.0)
         labels = torch.arange(first, first + count) % self.source.num_classes
@@ -141,7 +141,7 @@ def study_model(setup: Setup, budgets: list[int], num: int, log) -> dict:
     selection, validation = TUNING_NOISES
     total = selection + validation
     val_noise = noise_for(range(selection, total), setup.shape, 0)
-    val_model = setup.model(validation, total, selection)
+    val_model = setup.model(validation, selection)
     begin = time.perf_counter()
     teacher = Teacher.solve(val_model, val_noise, setup.schedule, 100)
     log(f"{setup.config}: teacher error {teacher.error:.1e} ({time.perf_counter() - begin:.0f} s)")
