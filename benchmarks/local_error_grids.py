@@ -17,7 +17,6 @@ ratio to the best diffusers configuration on those 128.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from pndm_fast.tuning.search import explicit  # noqa: E402
 from pndm_fast.tuning.teacher import Teacher, relative_error  # noqa: E402
 
 WEIGHTS = ("ve", "vp", "gauss")
-EMPHASES = (1.0, 1.1, 1.2)
 METHODS = ("DPM-Solver++2M", "UniPC-bh2:order=2", "PNDM-exact:order=2")
 SELECTION = 32
 
@@ -48,11 +46,10 @@ def reweighted(errors: dynamic.LocalErrors, schedule, weight: str) -> dynamic.Lo
     """The same local errors under another weight (the tuner's is `gauss`); the step to the data keeps weight 1."""
     if weight == "gauss":
         return errors
-    costs, s = errors.costs.copy(), errors.spread
+    costs = errors.costs.copy()
     for j, t in enumerate(errors.times):
         level = Level.of(schedule.alpha(t))
-        gauss = s / math.sqrt(level.alpha ** 2 * s ** 2 + level.sigma ** 2)
-        costs[:, j] *= (1 / level.alpha if weight == "ve" else 1.0) / gauss
+        costs[:, j] *= (1 / level.alpha if weight == "ve" else 1.0) / dynamic.reaching_data(level, errors.spread)
     return dynamic.LocalErrors(errors.times, costs, errors.spread, errors.forwards)
 
 
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None, log=print) -> list[dict]:
         peer = min(score(c.method, c.grid) for c in peer_candidates(schedule, budget))
         for weight in WEIGHTS:
             costs = reweighted(errors, schedule, weight)
-            for emphasis in EMPHASES:
+            for emphasis in dynamic.EMPHASES:
                 grid = explicit(schedule, costs.calls(budget, emphasis), "dp")
                 ratios = [score(m, grid) / peer for m in METHODS]
                 rows.append({"budget": budget, "weight": weight, "emphasis": emphasis, "diffusers": peer,

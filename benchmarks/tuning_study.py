@@ -36,11 +36,9 @@ if str(REPO) not in sys.path:  # runnable as a script from anywhere, like the ot
     sys.path.insert(0, str(REPO))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.accuracy_digits import real_digits, to_unit  # noqa: E402
-from benchmarks.digits_classifier import load_classifier  # noqa: E402
+from benchmarks.digits_quality import Scorer  # noqa: E402
 from pndm_fast import auto  # noqa: E402
 from pndm_fast.config import load_config  # noqa: E402
-from pndm_fast.frechet import frechet_distance, statistics  # noqa: E402
 from pndm_fast.images import to_uint8  # noqa: E402
 from pndm_fast.methods import method_record  # noqa: E402
 from pndm_fast.runners.conditioning import denoiser_for  # noqa: E402
@@ -84,11 +82,6 @@ class Setup:
                 "diffusers": [(c.method, c.grid, c.label) for c in peer_candidates(self.schedule, budget)]}
 
 
-def digits_features(classifier, images: torch.Tensor):
-    with torch.inference_mode():
-        return classifier.features(to_unit(images)).double().numpy()
-
-
 def diffusers_loop(setup: Setup, label: str, budget: int, noise: torch.Tensor) -> torch.Tensor:
     """diffusers' own loop for configuration `label` (pndm_fast/tuning/peers.py) on the same UNet."""
     import diffusers
@@ -119,17 +112,15 @@ def diffusers_loop(setup: Setup, label: str, budget: int, noise: torch.Tensor) -
 class Digits:
     """`num` digits of seed 1 from one model: sampled with pndm_fast, and their FD to the real digits."""
 
-    def __init__(self, setup: Setup, num: int):
+    def __init__(self, setup: Setup, num: int, scorer: Scorer):
         self.setup, self.noise, self.model = setup, noise_for(range(num), setup.shape, 1), setup.model(num)
-        self.classifier = load_classifier()
-        self.reference = statistics(digits_features(self.classifier, real_digits()[0]))
+        self.scorer = scorer
 
     def sample(self, method, grid) -> torch.Tensor:
         return run(self.setup, self.model, self.noise, method, grid)
 
     def fd(self, images: torch.Tensor) -> float:
-        features = digits_features(self.classifier, to_uint8(images)[..., 0])
-        return float(frechet_distance(*statistics(features), *self.reference))
+        return float(self.scorer.score(to_uint8(images)[..., 0])["fd"])
 
 
 def run(setup: Setup, model, noise, method, grid) -> torch.Tensor:
@@ -137,7 +128,7 @@ def run(setup: Setup, model, noise, method, grid) -> torch.Tensor:
         return sample(model, noise, setup.schedule, method, backend="fused", timesteps=grid)
 
 
-def study_model(setup: Setup, budgets: list[int], num: int, log) -> dict:
+def study_model(setup: Setup, budgets: list[int], num: int, scorer: Scorer, log) -> dict:
     selection, validation = TUNING_NOISES
     total = selection + validation
     val_noise = noise_for(range(selection, total), setup.shape, 0)
@@ -145,7 +136,7 @@ def study_model(setup: Setup, budgets: list[int], num: int, log) -> dict:
     begin = time.perf_counter()
     teacher = Teacher.solve(val_model, val_noise, setup.schedule, 100)
     log(f"{setup.config}: teacher error {teacher.error:.1e} ({time.perf_counter() - begin:.0f} s)")
-    digits = Digits(setup, num)
+    digits = Digits(setup, num, scorer)
     rows = []
     for budget in budgets:
         for side, options in setup.choices(budget).items():
@@ -178,7 +169,7 @@ def time_to_target(setup: Setup, rows: list[dict], digits: Digits, converged: fl
     if out["diffusers"] and out["tuned"] and setup.guidance is None:
         theirs, ours = out["diffusers"], out["tuned"]
         theirs["fd_own_loop"] = digits.fd(diffusers_loop(setup, theirs["label"], theirs["budget"], digits.noise))
-        method, grid, _ = setup.choices(ours["budget"])["tuned"][0]
+        method, grid = setup.profile.choice(setup.schedule, ours["budget"])
         theirs["seconds"] = fastest(lambda: diffusers_loop(setup, theirs["label"], theirs["budget"], digits.noise))
         ours["seconds"] = fastest(lambda: digits.sample(method, grid))
         out["speedup"] = theirs["seconds"] / ours["seconds"]
@@ -260,15 +251,15 @@ def main(argv: list[str] | None = None, log=print) -> dict:
     args = p.parse_args(argv)
     if importlib.util.find_spec("diffusers") is None:
         p.error("the study compares with diffusers' schedulers: pip install diffusers")
-    saved = args.out / "tuning_study.json"
+    saved, scorer = args.out / "tuning_study.json", Scorer()
     if args.reuse:
         results = json.loads(saved.read_text())
         for name, result in results.items():
             setup = Setup(name, MODELS[name])
-            result["time_to_target"] = time_to_target(setup, result["rows"], Digits(setup, args.num),
+            result["time_to_target"] = time_to_target(setup, result["rows"], Digits(setup, args.num, scorer),
                                                       result["time_to_target"]["converged"])
     else:
-        results = {name: study_model(Setup(name, MODELS[name]), sorted(args.budgets), args.num, log)
+        results = {name: study_model(Setup(name, MODELS[name]), sorted(args.budgets), args.num, scorer, log)
                    for name in args.models}
     args.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(results, indent=1, default=str))

@@ -81,10 +81,16 @@ def measure(model, schedule, noise: torch.Tensor, steps: int, backend: str = "au
             else:
                 lv_j = levels[j]
                 miss = lv_j.alpha * x0_i + lv_j.sigma * eps_i - states[keep[j]].flatten(1)
-                weight = spread / math.sqrt(lv_j.alpha ** 2 * spread ** 2 + lv_j.sigma ** 2)
+                weight = reaching_data(lv_j, spread)
             costs[i, j] = weight * float((miss.norm(dim=1) / norm).mean())
     forwards = (method_record(METHOD).plan(grid).model_calls + n) * len(noise)
     return LocalErrors(tuple(grid.times[i] for i in keep), costs, spread, forwards)
+
+
+def reaching_data(level: Level, spread: float) -> float:
+    """The share of an error at `level` that the ODE carries to data of per-dimension spread s:
+    s / sqrt(alpha^2 s^2 + sigma^2)."""
+    return spread / math.sqrt(level.alpha ** 2 * spread ** 2 + level.sigma ** 2)
 
 
 @lru_cache(maxsize=256)
