@@ -79,27 +79,11 @@ def load(name: str, device: torch.device, dtype: str, channels_last: bool = Fals
     return model.eval().requires_grad_(False), "random"
 
 
-def graphed(forward: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
-    """`forward` captured in one CUDA graph (after warm-up calls on a side stream, which capture needs); returns
-    its replay. Any forward works: a guided model call (two forwards, or one of twice the batch, and the mix) is
-    bounded by passing that call instead."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return graph.replay
-
-
 def forward_bounds(forward: Callable[[], torch.Tensor], device: torch.device, reps: int) -> dict:
     """One model call's time, eager and (CUDA) replayed from a CUDA graph: {"eager": Timing, "graph": Timing or
     None}. The bound of a run is its calls times either."""
     eager = common.measure(forward, device, reps, warmup=1)
-    graph = common.measure(graphed(forward, device), device, reps, warmup=1) if device.type == "cuda" else None
+    graph = common.measure(common.graphed(forward, device), device, reps, warmup=1) if device.type == "cuda" else None
     return {"eager": eager, "graph": graph}
 
 

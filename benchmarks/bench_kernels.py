@@ -109,6 +109,11 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
             6 * nbytes, device)
         copy = common.copy_timing(shape, device, reps)
         floor = 3 * copy.seconds  # 6 tensors at the bandwidth of a copy, which moves 2
+        # Inside a CUDA graph, as the sampler runs them: the GPU's time alone, against a graphed copy's floor.
+        graphed = device.type == "cuda"
+        calls = max(len(sets), 8)
+        graph_floor = 3 * common.graphed_timing(common.copy_step(shape, device), device, reps, calls).seconds \
+            if graphed else None
         bandwidth.add("copy", mb, 2 * nbytes / copy.seconds / 1e9)
         latency.add("6-tensor floor", mb, floor * 1e6)
         expected, base = None, None
@@ -123,6 +128,7 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
             timing = common.measure(step, device, reps, warmup=3, batch=True)
             base = base or timing
             ratio, noise = common.speedup(base, timing)
+            graph = common.graphed_timing(step, device, reps, calls) if graphed else None
             rows.append({
                 "bench": NAME, "shape": "x".join(map(str, shape)), "tensor_mb": mb, "provider": name,
                 "us": timing.seconds * 1e6, "us_spread": timing.spread * 1e6,
@@ -131,6 +137,9 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
                 "floor_us": floor * 1e6, "of_roofline": floor / timing.seconds,
                 "vs_reference": ratio, "noise": noise,
                 "compile_s": first_s if name == "torch-compile" else None,
+                "graph_us": graph and graph.seconds * 1e6, "graph_us_spread": graph and graph.spread * 1e6,
+                "graph_floor_us": graph_floor and graph_floor * 1e6,
+                "graph_of_roofline": graph and graph_floor / graph.seconds,
             })
             bandwidth.add(name, mb, rows[-1]["gbps"])
             latency.add(name, mb, rows[-1]["us"])
@@ -144,7 +153,9 @@ def run(args) -> tuple[list[dict], list[common.Panel], list[str]]:
         "sample); torch-compile is torch.compile(dynamic=False) of it, compiled afresh per size; compile s is its "
         "first call, with inductor's on-disk caches as found (a rerun may compile faster). cpp and triton are "
         "pndm_fast.ops.lincomb bound once per buffer set (ops.bind), as the sampler runs them.",
-    ] + skipped
+    ] + (["graph us (CUDA): the same calls captured in one CUDA graph and replayed, per call: the kernel's own "
+          "time, as the sampler's graph runs it, without the host's launch path; graph of roofline = 6 tensors at "
+          "a graphed copy's bandwidth / graph us."] if device.type == "cuda" else []) + skipped
     return rows, [bandwidth, latency], notes
 
 
@@ -156,6 +167,7 @@ COLUMNS = [
     common.Column("of roofline", "of_roofline", "{:.0%}"),
     common.Column("vs torch-reference", lambda r: common.speedup_text(r["vs_reference"], r["noise"])),
     common.Column("compile s", "compile_s", "{:.1f}"),
+    common.Column("graph us", "graph_us", "{:.1f}"), common.Column("graph of roofline", "graph_of_roofline", "{:.0%}"),
 ]
 
 

@@ -149,6 +149,33 @@ def measure(fn: Callable, device: torch.device, reps: int, warmup: int = 1, batc
     return Timing((first, _median_per_call(fn, device, reps, inner)))
 
 
+def graphed(forward: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`forward` captured in one CUDA graph (after warm-up calls on a side stream, which capture needs); returns
+    its replay. Any forward works: a guided model call (one forward of twice the batch, and the mix) is bounded by
+    passing that call instead."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph.replay
+
+
+def graphed_timing(step: Callable[[], object], device: torch.device, reps: int, calls: int) -> Timing:
+    """Seconds per call of step() with `calls` calls replayed from one CUDA graph: the GPU's time alone, as a step
+    costs inside the sampler's graph (no launch path, no host)."""
+    def steps():
+        for _ in range(calls):
+            step()
+
+    timing = measure(graphed(steps, device), device, reps, warmup=1, batch=True)
+    return Timing(tuple(m / calls for m in timing.medians))
+
+
 def timed_first_call(fn: Callable, device: torch.device) -> tuple[float, object]:
     """(seconds, result) of one call, synchronized: the first call, where compilation and graph capture happen."""
     synchronize(device)
@@ -176,9 +203,8 @@ def rotation(make: Callable[[], tuple], set_bytes: int, device: torch.device) ->
     return [make() for _ in range(max(1, math.ceil(2 * cache_bytes(device) / set_bytes)))]
 
 
-def copy_timing(shape: tuple, device: torch.device, reps: int) -> Timing:
-    """y.copy_(x) of float32 tensors of `shape`: the bandwidth an elementwise pass can reach on this machine,
-    measured like the kernels (rotated buffers, batched calls). Copy GB/s = 2 * bytes / time."""
+def copy_step(shape: tuple, device: torch.device) -> Callable[[], None]:
+    """One y.copy_(x) of float32 tensors of `shape` per call, rotating its buffers (see rotation)."""
     numel = math.prod(shape)
     # zeros, not empty: an untouched output's first write page-faults, and on a CPU that halves the copy rate
     pairs = itertools.cycle(rotation(lambda: (torch.randn(shape, device=device), torch.zeros(shape, device=device)),
@@ -188,7 +214,13 @@ def copy_timing(shape: tuple, device: torch.device, reps: int) -> Timing:
         x, y = pairs()
         y.copy_(x)
 
-    return measure(copy, device, reps, warmup=3, batch=True)
+    return copy
+
+
+def copy_timing(shape: tuple, device: torch.device, reps: int) -> Timing:
+    """y.copy_(x) of float32 tensors of `shape`: the bandwidth an elementwise pass can reach on this machine,
+    measured like the kernels (rotated buffers, batched calls). Copy GB/s = 2 * bytes / time."""
+    return measure(copy_step(shape, device), device, reps, warmup=3, batch=True)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
     python benchmarks/record_gpu.py OUT [--results benchmarks/RESULTS.md]
 
-Reads OUT/<stage>/<bench>.json (bench_launch, tune_lincomb, bench_e2e) and OUT/full_suite.log; each table comes
-with the command that made it, the card and the versions its rows recorded. run_all.py keeps `## GPU` sections.
+Reads OUT/<stage>/<bench>.json (bench_kernels, tune_lincomb, bench_stack) and OUT/gpu_tests.log and
+OUT/full_suite.log; each table comes with the command that made it, the card and the versions its rows recorded.
+run_all.py keeps `## GPU` sections.
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import bench_e2e  # noqa: E402
-import bench_launch  # noqa: E402
+import bench_kernels  # noqa: E402
+import bench_stack  # noqa: E402
 import common  # noqa: E402
 import tune_lincomb  # noqa: E402
 
 HEADING = "## GPU checks"
-TABLES = [("Eager launch: host time per call", "launch", bench_launch),
+TABLES = [("The fused op against the copy roofline and torch.compile, eager and graphed", "kernels", bench_kernels),
           ("Kernel launch configurations against the copy roofline", "tune", tune_lincomb),
-          ("End to end with the graph bound, fp32 and bf16, channels_last", "e2e", bench_e2e)]
+          ("Per sampling step: combination kernels, bf16, guidance, the graph bound and diffusers", "stack",
+           bench_stack)]
+LOGS = [("The GPU tests", "gpu_tests.log"), ("The whole suite on the GPU (the GPU tests left out)", "full_suite.log")]
 
 
 def section(out: Path) -> str:
     parts = [f"{HEADING}\n\n`bash benchmarks/gpu_checks.sh` (logs and JSON rows in its OUT folder).\n"]
+    machine = out / "machine.txt"
+    if machine.exists():  # the card, its driver and the versions, as the script printed them
+        parts.append("```\n" + machine.read_text(errors="replace").strip() + "\n```\n")
     for title, name, bench in TABLES:
         path = next(iter(sorted(out.glob(f"*/{bench.NAME}.json"))), None)
         rows = json.loads(path.read_text()) if path else []
@@ -39,14 +45,22 @@ def section(out: Path) -> str:
         r = rows[0]
         parts.append(f"### {title}\n\n`{r['command']}`: {r['device']}, torch {r['torch']}, triton {r['triton']}, "
                      f"{r['timestamp']}\n\n{common.markdown_table(rows, bench.COLUMNS)}\n")
-    log = out / "full_suite.log"
-    if log.exists():
-        text = log.read_text(errors="replace")
-        failed = sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/\S+)", text)))
-        summary = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "")
-        names = "\n".join(f"- {name}" for name in failed) or "- none"
-        parts.append(f"### The whole suite on the GPU\n\n`{summary.strip('= ')}`\n\nFailed or errored:\n\n{names}\n")
+    for title, name in LOGS:
+        log = out / name
+        if log.exists():
+            parts.append(suite_summary(title, log.read_text(errors="replace")))
     return "\n".join(parts)
+
+
+def suite_summary(title: str, text: str) -> str:
+    """pytest's last summary line and every test that failed or errored, from a -v log (cut short or not)."""
+    # a parametrized id may hold spaces: the name runs to pytest's " - reason" or the end of the line
+    failed = sorted(set(re.findall(r"(?:FAILED|ERROR) (tests/[^\n]*?)(?: - |\s*$)", text, re.MULTILINE)))
+    summary = next((line for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "")
+    ran = len(re.findall(r"\b(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", text))
+    summary = summary.strip("= ") or f"cut short: {ran} results logged, no summary"
+    names = "\n".join(f"- {name}" for name in failed) or "- none"
+    return f"### {title}\n\n`{summary}`\n\nFailed or errored:\n\n{names}\n"
 
 
 def replace_section(text: str, new: str) -> str:

@@ -1,7 +1,8 @@
-"""Compile the lincomb kernel ahead of time for a CUDA arch, without a GPU (triton ships ptxas).
+"""Compile the kernels ahead of time for a CUDA arch, without a GPU (triton ships ptxas).
 
-Proves that every specialization ``lincomb_triton`` can launch lowers to PTX and a cubin for sm_80 (A100)
-and sm_90 (H100) before any GPU is at hand; ``python -m pndm_fast.kernels.aot 90`` compiles them all.
+Proves that every specialization ``lincomb_triton`` can launch, and the device normal draws of
+``kernels/normal.py``, lower to PTX and a cubin for sm_80 (A100) and sm_90 (H100) before any GPU is at hand;
+``python -m pndm_fast.kernels.aot 90`` compiles them all.
 """
 
 import itertools
@@ -14,6 +15,9 @@ from triton.backends.compiler import GPUTarget
 from .constants import MAX_OPERANDS, OPERAND_DTYPES
 from .lincomb import LAUNCH_CONFIGS as _TABLE
 from .lincomb import lincomb_kernel
+from .normal import BLOCK as NORMAL_BLOCK
+from .normal import NUM_WARPS as NORMAL_WARPS
+from .normal import normal_kernel
 
 # triton's names of the operand dtypes, in the constants' order
 OPERAND_TYPES = tuple({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(d)[6:]] for d in OPERAND_DTYPES)
@@ -58,6 +62,17 @@ def compile_one(arch: int, num_operands: int, operand_type: str, flags: tuple, c
                           options={"num_warps": num_warps, "enable_fp_fusion": True})
 
 
+def compile_normal(arch: int):
+    """The device normal draws as the JIT builds them: 16-byte aligned output and seeds, any row length."""
+    signature = {"out_ptr": "*fp32", "seeds_ptr": "*i64", "numel": "i32", "BLOCK": "constexpr"}
+    names = normal_kernel.arg_names
+    aligned = {(names.index(p),): [["tt.divisibility", 16]] for p in ("out_ptr", "seeds_ptr")}
+    src = triton.compiler.ASTSource(fn=normal_kernel, signature=signature, constexprs={"BLOCK": NORMAL_BLOCK},
+                                    attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": NORMAL_WARPS, "enable_fp_fusion": True})
+
+
 def compile_all(arch: int, full: bool = True) -> dict:
     """{specialization: CompiledKernel} for sm_<arch>; each has .asm['ptx'] and .asm['cubin']."""
     return {spec: compile_one(arch, *spec) for spec in specializations(full)}
@@ -66,7 +81,7 @@ def compile_all(arch: int, full: bool = True) -> dict:
 if __name__ == "__main__":
     for arch in [int(a) for a in sys.argv[1:]] or [80, 90]:
         start = time.perf_counter()
-        kernels = compile_all(arch)
+        kernels = compile_all(arch) | {"normal": compile_normal(arch)}
         size = sum(len(k.asm["cubin"]) for k in kernels.values())
         seconds = time.perf_counter() - start
         print(f"sm_{arch}: {len(kernels)} specializations, {size / 1e6:.1f} MB of cubin, {seconds:.1f} s")

@@ -14,7 +14,6 @@ fetches the compiled kernel once per buffer set and launches it directly (``pndm
 """
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
@@ -23,6 +22,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .constants import MAX_OPERANDS, OPERAND_DTYPES, STATE_DTYPE
+from .interpreter import kernel_for
 
 # (from N elements, BLOCK, num_warps), largest first: launch_config takes the first row whose N it reaches.
 # kernels/aot.py compiles every row; benchmarks/tune_lincomb.py measures alternatives on a GPU.
@@ -102,19 +102,6 @@ def launch_config(n: int) -> tuple[int, int]:
     return next((block, warps) for start, block, warps in LAUNCH_CONFIGS if n >= start)
 
 
-@functools.cache
-def _interpreted_kernel():
-    """The kernel for the triton interpreter, built on demand.
-
-    triton.jit reads TRITON_INTERPRET when the module is imported; building the interpreted twin at call time
-    lets CPU tensors run whenever TRITON_INTERPRET=1 is set, whatever was imported first.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    kernel = lincomb_kernel
-    return kernel if isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
-
-
 def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
                    config: Optional[tuple[int, int]] = None):
     """Host wrapper: out (and out2) <- see the module docstring; returns None and allocates nothing.
@@ -125,7 +112,9 @@ def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=N
     config: (BLOCK, num_warps) instead of launch_config's, for tuning.
     """
     kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config)
-    wrap_triton(kernel)[grid](*args, **meta)
+    # wrap_triton makes the launch visible to torch.compile; torch before 2.13 refuses the interpreter's kernel,
+    # which no tracer needs to see.
+    (kernel if x.device.type == "cpu" else wrap_triton(kernel))[grid](*args, **meta)
 
 
 def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
@@ -185,12 +174,7 @@ def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config):
     if x.device.type == "cuda" and torch.cuda.is_available() and x.device.index != torch.cuda.current_device():
         # triton launches on the current device, whatever the pointers say
         raise ValueError(f"lincomb_triton: x is on {x.device}; call torch.cuda.set_device({x.device.index}) first")
-    if x.device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("triton on CPU tensors needs TRITON_INTERPRET=1; use impl='cpp' or 'torch' on CPU")
-        kernel = _interpreted_kernel()
-    else:
-        kernel = lincomb_kernel
+    kernel = kernel_for(lincomb_kernel, x.device, "triton (use impl='cpp' or 'torch' on CPU)")
 
     # Dense, same memory order: the kernel walks each storage as a flat [N] array, no reshape needed.
     n = x.numel()

@@ -10,6 +10,7 @@ the host: no .item(), no .cpu(), no branch on data.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import torch
@@ -175,17 +176,21 @@ class GraphRunner:
         self.runner = runner
         self.x, self.draws, self.trajectory, self.caller = runner.x, runner.draws, runner.trajectory, runner.caller
         self.mask_inputs = runner.mask_inputs
-        side = warmup_stream(runner.x.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            runner.x.normal_()
-            for buffer in runner.draws + runner.mask_inputs:
-                buffer.normal_()
-            runner.walk()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            runner.walk()
+        # One capture at a time in the process: a capture begins with a device-wide synchronize, which fails while
+        # another thread's capture is open and leaves that thread's CUDA generator stuck in capture mode for the
+        # rest of the process. thread_local: meanwhile other threads may go on launching, allocating and syncing.
+        with _CAPTURE_LOCK:
+            side = warmup_stream(runner.x.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                runner.x.normal_()
+                for buffer in runner.draws + runner.mask_inputs:
+                    buffer.normal_()
+                runner.walk()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                runner.walk()
 
     def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
         """Sample from `noise` (and `draws`, `mask_inputs`) by replaying the graph; the result is left in `x` (and
@@ -194,6 +199,7 @@ class GraphRunner:
         self.graph.replay()
 
 
+_CAPTURE_LOCK = threading.Lock()
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 

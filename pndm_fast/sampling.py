@@ -232,7 +232,7 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     draws = None
     if plan.draws:
         seed, indices = check_seed(seed, noise.shape[0], indices)
-        draws = step_noise(seed, indices, plan.draws, tuple(noise.shape[1:]))
+        draws = step_noise(seed, indices, plan.draws, tuple(noise.shape[1:]), noise.device)
     module = denoiser.module
     if compile and module is not None:
         compiled(module)

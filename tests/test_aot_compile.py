@@ -40,3 +40,13 @@ def test_covering_set_compiles(arch):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_specialization_compiles(arch):
     _check(aot.compile_all(arch), arch)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_device_normal_draws_compile(arch):
+    """kernels/normal.py lowers for the arch: Philox's 32-bit high products, and an IEEE square root (the
+    approximate one may round differently from one arch to the next)."""
+    kernel = aot.compile_normal(arch)
+    ptx = kernel.asm["ptx"]
+    assert f".target sm_{arch}" in ptx and len(kernel.asm["cubin"]) > 1000 and kernel.metadata.shared == 0
+    assert "mul.hi.u32" in ptx and "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx

@@ -106,23 +106,29 @@ def test_gpu_checks_script_parses_and_names_tests_that_exist():
 
 
 def test_record_gpu_replaces_its_section_and_names_failures(tmp_path):
-    """gpu_checks.sh's last step: tables from the stages' JSON rows, the suite's failures, one section replaced."""
-    import bench_launch
+    """gpu_checks.sh's last step: tables from the stages' JSON rows, the tests' failures, one section replaced."""
+    import bench_kernels
     import record_gpu
 
     out = tmp_path / "gpu"
-    bench_launch.main(["--smoke", "--device", "cpu", "--out", str(out / "launch")])
+    bench_kernels.main(["--smoke", "--device", "cpu", "--out", str(out / "kernels")])
     (out / "full_suite.log").write_text("FAILED tests/test_a.py::test_x - boom\nERROR tests/test_b.py::test_y\n"
                                         "=== 2 failed, 10 passed in 3.0s ===\n")
+    (out / "gpu_tests.log").write_text("[gw0] [ 50%] PASSED tests/test_c.py::test_z\n"
+                                       "[gw1] [100%] FAILED tests/test_c.py::test_w[an id with spaces] \n")
+    (out / "machine.txt").write_text("name, driver_version\nNVIDIA H100, 580.1\n")
     results = tmp_path / "RESULTS.md"
     results.write_text("# R\n\n## Kernels\nkeep\n\n## GPU checks\nstale table\n\n## GPU\nkept\n")
     for _ in range(2):  # a second run replaces the section it wrote
         record_gpu.main([str(out), "--results", str(results)])
     text = results.read_text()
     assert text.count("## GPU checks") == 1 and "stale table" not in text and "keep" in text and "kept" in text
-    assert "| torch.add |" in text and "python benchmarks/bench_launch.py --smoke" in text
+    assert "| torch-reference |" in text and "python benchmarks/bench_kernels.py --smoke" in text
     assert "- tests/test_a.py::test_x" in text and "- tests/test_b.py::test_y" in text
-    assert "2 failed, 10 passed" in text and text.count("Not recorded") == 2  # tune and e2e did not run
+    assert "2 failed, 10 passed" in text and text.count("Not recorded") == 2  # tune and stack did not run
+    assert "NVIDIA H100, 580.1" in text
+    # a log cut short has no summary line: its failures are still named, and how many results it logged
+    assert "- tests/test_c.py::test_w[an id with spaces]\n" in text and "cut short: 2 results logged" in text
 
 
 def test_tune_lincomb_says_it_needs_cuda(tmp_path):

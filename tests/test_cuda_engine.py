@@ -3,6 +3,7 @@ CUDA-graph backends, and threads replaying graphs. Skipped without CUDA."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import in_threads, relative_l2
@@ -153,3 +154,29 @@ def test_the_graph_blends_the_mask_as_the_eager_run(nets, method):
         other = sample(model, noise, LINEAR, method, 8, "graph", init_image=-image, mask=mask, seed=2)
     assert torch.allclose(graph, eager, atol=1e-5) and torch.equal(graph[..., 4:], image[..., 4:])
     assert torch.equal(other[..., 4:], -image[..., 4:])
+
+
+@pytest.mark.parametrize("method", ["Euler-a", "DDIM:eta=1"])
+def test_a_stochastic_run_on_cuda_draws_on_the_device_and_every_backend_agrees(nets, method, monkeypatch):
+    """No draw is made on the host (planted: the CPU generator called, fails), the draws are kernels/normal.py's
+    Philox and Box-Muller (against its float64 definition), and every backend samples with the same ones."""
+    from test_seeds import philox_normals
+
+    from pndm_fast import noise as noise_module
+    from pndm_fast.seeds import derived_seeds
+
+    draws = noise_module.step_noise(4, [0, 7], 3, (1, 8, 8), "cuda")
+    seeds = derived_seeds([(4, i, noise_module.STEP_STREAM, k) for k in range(3) for i in (0, 7)])
+    want = torch.from_numpy(np.stack([philox_normals(s, 64) for s in seeds])).view(3, 2, 1, 8, 8)
+    assert draws.device.type == "cuda" and (draws.cpu().double() - want).abs().max() < 5e-6
+
+    def on_the_host(*args):
+        raise AssertionError("a CUDA run drew its noise on the host")
+
+    monkeypatch.setattr(noise_module, "_draws", on_the_host)
+    model, _ = nets
+    noise = torch.randn(2, 1, 8, 8, device="cuda")
+    with torch.no_grad():
+        runs = {b: sample(model, noise, LINEAR, method, 8, b, seed=4) for b in ("reference", "torch", "fused", "graph")}
+    for backend in ("torch", "fused", "graph"):
+        assert relative_l2(runs[backend], runs["reference"]) < 1e-5, backend

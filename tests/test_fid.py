@@ -192,7 +192,8 @@ def test_inception_path_reads_only_the_local_weights(tmp_path, digits_uint8, cap
     x = torch.from_numpy(digits_uint8[:6]).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 255.0
     mu_ref, sigma_ref = statistics((x.mean((2, 3)) @ proj).double())
     with np.load(stats) as data:
-        np.testing.assert_allclose(data["mu"], mu_ref, rtol=1e-5)
+        # float32 features summed in another order (another CPU's blocking): entries near zero differ by ~1e-9
+        np.testing.assert_allclose(data["mu"], mu_ref, rtol=1e-5, atol=1e-7 * np.abs(mu_ref).max())
         # features are float32: entries that cancel to near zero carry rounding of the matrix's scale, not their own
         np.testing.assert_allclose(data["sigma"], sigma_ref, rtol=1e-4, atol=1e-5 * np.abs(sigma_ref).max())
 
