@@ -119,9 +119,11 @@ def test_selection_never_sees_the_validation_noises(ring):
             self.inner = ring
 
         def forward(self, x, t):
+            # candidates scored together come as one batch of their runs, whose first calls all see their noise
+            chunks = x.split(len(selection))
             for name, batch in (("selection", selection), ("validation", validation)):
-                if x.shape == batch.shape and torch.equal(x, batch):
-                    runs[name] += 1  # a run's first call sees its noise
+                if all(rows.shape == batch.shape and torch.equal(rows, batch) for rows in chunks):
+                    runs[name] += len(chunks)
             return self.inner(x, t)
 
     profile = tune(Spy(), LINEAR, [4, 6], selection, validation, backend="torch", finalists=2, **SMALL)
@@ -246,3 +248,75 @@ def test_the_tune_command_saves_each_budget_and_continues(tmp_path, capsys):
     assert again.budgets[3] == first.budgets[3] and sorted(again.budgets) == [3, 4]
     assert main([*argv, "--budgets", "3", "--config", "digits-cond", "--class", "1"]) == 2  # another model
     assert "tuned for another model" in capsys.readouterr().err
+
+
+def in_time(work, seconds: float = 60.0):
+    """work() in a thread that must finish within `seconds`: a gathering that deadlocks fails here, not hangs."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["result"] = work()
+        except Exception as error:  # noqa: BLE001 - raised again below, in the test's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "gathered calls deadlocked"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def test_gathered_calls_answer_each_party_as_its_own_call_would():
+    """Parties of 3, 5 and 2 calls and one that fails before its first: 5 forwards answer all 10 calls, each with
+    what the net gives its own rows (planted: outputs handed to the wrong party, or a party that ends never
+    leaving, fails or deadlocks)."""
+    from pndm_fast.tuning.gather import score_together
+
+    calls = []
+
+    def expect(x, t, y=None, scale=1.0):
+        return (x * t[:, None] + y[:, None]) * scale
+
+    def net(x, t, **kwargs):
+        calls.append(len(x))
+        return expect(x, t, **kwargs)
+
+    def run(plan, shared):
+        if plan is None:
+            raise ValueError("fails before its first call")
+        index, count = plan
+        got = []
+        for k in range(count):
+            x, t, y = torch.full((2, 3), float(index)), torch.full((2,), float(k)), torch.tensor([index, -index])
+            got.append(torch.equal(shared(x, t, y=y.float(), scale=2.0), expect(x, t, y=y.float(), scale=2.0)))
+        return all(got) and len(got) == count
+
+    plans = [(1, 3), (2, 5), (3, 2)]
+    assert in_time(lambda: score_together(run, net, plans, group=3)) == [True, True, True]
+    assert calls == [6, 6, 4, 2, 2]  # 3 parties, 2 once the third has left after 2 calls, then 1
+    calls.clear()
+    with pytest.raises(ValueError, match="fails before"):
+        in_time(lambda: score_together(run, net, [(1, 2), None, (2, 3)], group=3))
+    assert calls == [4, 4, 2]
+
+
+def test_candidates_scored_together_score_as_one_at_a_time(ring):
+    """The tuner's scorer with 4 candidates a forward: the same errors and forwards as one at a time."""
+    from pndm_fast.tuning import _Scorer
+    from pndm_fast.tuning.search import family_candidates
+
+    noise = noises(6, 4)
+    teacher = Teacher.solve(ring, noise, LINEAR, 50, backend="torch")
+    candidates = family_candidates(LINEAR, 5, ["DDIM", "DPM-Solver++2M", "Heun", "F-PNDM"], ("logsnr", "karras"))
+    alone = _Scorer(ring, LINEAR, noise, teacher.x, "torch", (0, 6, 6))
+    together = _Scorer(ring, LINEAR, noise, teacher.x, "torch", (0, 6, 6), together=4)
+    want = {c: alone(c) for c in candidates}
+    got = in_time(lambda: together.many(candidates))
+    assert got.keys() == want.keys() and together.forwards == alone.forwards
+    for c in candidates:
+        assert got[c] == pytest.approx(want[c], rel=1e-9, abs=1e-12), c.label

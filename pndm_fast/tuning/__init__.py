@@ -27,6 +27,7 @@ from ..errors import UserError
 from ..methods import method_record
 from ..sampling import cached_plan, sample
 from . import dynamic
+from .gather import score_together
 from .peers import peer_candidates
 from .profile import Profile
 from .search import BOUNDED, FAMILIES, LAST_SIGMAS, Candidate, family_candidates, lowest, method_variants, \
@@ -34,48 +35,74 @@ from .search import BOUNDED, FAMILIES, LAST_SIGMAS, Candidate, family_candidates
 from .teacher import Teacher, relative_error
 
 __all__ = ["tune", "Profile", "Teacher"]
+# Candidates scored at once (gather.py): on the 2-core CPU, 12 candidates on the digits UNet scored 1.7x faster
+# and one whole budget tuned 1.2x faster (docs/tuning.md); a GPU's idle share at small batches is larger.
+TOGETHER = 16
 
 
-def noise_rows(denoiser: Denoiser, start: int, stop: int, total: int) -> Denoiser:
-    """The Denoiser for noises start .. stop - 1 of `total`: conditioning tensors with a row per noise sliced."""
+def noise_rows(denoiser: Denoiser, start: int, stop: int, total: int, net=None) -> Denoiser:
+    """The Denoiser for noises start .. stop - 1 of `total`: conditioning tensors with a row per noise sliced
+    (and `net` in place of its network, when given)."""
     def cut(kwargs: dict) -> dict:
         return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == total else v
                 for k, v in kwargs.items()}
 
-    return Denoiser(denoiser.net, denoiser.prediction, cut(denoiser.cond) or None, cut(denoiser.uncond) or None,
-                    denoiser.guidance, denoiser.time_input, denoiser.guidance_rescale, **cut(denoiser.model_kwargs))
+    return Denoiser(denoiser.net if net is None else net, denoiser.prediction, cut(denoiser.cond) or None,
+                    cut(denoiser.uncond) or None, denoiser.guidance, denoiser.time_input, denoiser.guidance_rescale,
+                    **cut(denoiser.model_kwargs))
 
 
 class _Scorer:
-    """Errors of candidates against the teacher on one set of noises, counting the model calls spent."""
+    """Errors of candidates against the teacher on one set of noises, counting the model calls spent. `together`
+    candidates at a time share their forwards (gather.py): eager runs, one thread each."""
 
-    def __init__(self, model, schedule, noise, truth, backend, span: tuple[int, int, int]):
+    def __init__(self, model, schedule, noise, truth, backend, span: tuple[int, int, int], together: int = 1):
         self.model = noise_rows(as_denoiser(model), *span)
         self.schedule, self.noise, self.truth, self.backend = schedule, noise, truth, backend
-        self.forwards = 0
+        self.together, self.forwards = together, 0
 
     def __call__(self, candidate: Candidate) -> float:
+        error, forwards = self._score(candidate, self.model, self.backend)
+        self.forwards += forwards
+        return error
+
+    def many(self, candidates) -> dict:
+        """{candidate: error} of each, `together` at a time."""
+        candidates = list(dict.fromkeys(candidates))
+        if self.together <= 1 or len(candidates) <= 1:
+            return {c: self(c) for c in candidates}
+        # a CUDA graph replays its forwards without Python, where they could not meet: eager runs gather
+        backend = "fused" if self.backend in ("auto", "graph") else self.backend
+        rows = (0, len(self.noise), len(self.noise))
+        scores = score_together(lambda c, net: self._score(c, noise_rows(self.model, *rows, net=net), backend),
+                                self.model.net, candidates, self.together)
+        self.forwards += sum(forwards for _, forwards in scores)
+        return {c: error for c, (error, _) in zip(candidates, scores)}
+
+    def _score(self, candidate: Candidate, model: Denoiser, backend: str) -> tuple[float, int]:
+        """(error, image-forwards spent) of one candidate's run."""
         try:
             with torch.inference_mode():
-                x = sample(self.model, self.noise, self.schedule, candidate.method, backend=self.backend,
+                x = sample(model, self.noise, self.schedule, candidate.method, backend=backend,
                            timesteps=candidate.grid)
         except UserError:  # e.g. an x0 model asked about sigma = 0
-            return math.inf
-        self.forwards += cached_plan(candidate.grid, method_record(candidate.method)).model_calls * len(self.noise)
+            return math.inf, 0
+        forwards = cached_plan(candidate.grid, method_record(candidate.method)).model_calls * len(self.noise)
         error = relative_error(x, self.truth)
-        return error if math.isfinite(error) else math.inf
+        return (error if math.isfinite(error) else math.inf), forwards
 
 
 def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.Tensor, guidance: float | None = None,
          *, methods=None, families=FAMILIES, screen: int = 8, finalists: int = 3, optimise: int = 2,
          evaluations: int = 24, teacher_steps: int = 100, backend: str = "auto", peers: bool = True,
-         profile: Profile | None = None, on_budget=None, progress=None) -> Profile:
+         together: int = TOGETHER, profile: Profile | None = None, on_budget=None, progress=None) -> Profile:
     """The tuned profile of `model` (any `sample()` model; `guidance` overrides a Denoiser's scale) for each budget.
 
     `noise` selects, `validation_noise` (other noises) decides and is what the profile reports (a conditional
     Denoiser's tensors hold a row per noise of `noise`, then of `validation_noise`); `profile` continues
     an earlier run (its finished budgets are kept), `on_budget(profile)` is called after each budget (to save it),
-    `progress(text)` after each stage."""
+    `progress(text)` after each stage. `together` candidates are scored at once, their forwards gathered into one
+    (gather.py; 1 scores them one by one)."""
     denoiser = as_denoiser(model)
     if guidance is not None:
         denoiser = Denoiser(denoiser.net, denoiser.prediction, denoiser.cond or None, denoiser.uncond or None,
@@ -102,7 +129,8 @@ def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.
             continue
         begun = time.perf_counter()
         teacher, entry = _tune_budget(denoiser, schedule, budget, noise, validation_noise, teacher, local, methods,
-                                      families, screen, finalists, optimise, evaluations, backend, peers, say)
+                                      families, screen, finalists, optimise, evaluations, backend, peers, together,
+                                      say)
         entry["seconds"] = round(time.perf_counter() - begun, 1)
         profile.budgets[budget] = entry
         profile.info = {**profile.info, "teacher": {"method": "PNDM-exact", "grid": "teacher", "steps": teacher.steps,
@@ -116,24 +144,21 @@ def tune(model, schedule, budgets, noise: torch.Tensor, validation_noise: torch.
 
 
 def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, local, methods, families, screen,
-                 finalists, optimise, evaluations, backend, peers, say):
+                 finalists, optimise, evaluations, backend, peers, together, say):
     n, total = len(noise), len(noise) + len(validation_noise)
     screen = min(screen, n)
-    select = _Scorer(model, schedule, noise, teacher.x[:n], backend, (0, n, total))
-    first = _Scorer(model, schedule, noise[:screen], teacher.x[:screen], backend, (0, screen, total))
+    select = _Scorer(model, schedule, noise, teacher.x[:n], backend, (0, n, total), together)
+    first = _Scorer(model, schedule, noise[:screen], teacher.x[:screen], backend, (0, screen, total), together)
     candidates = family_candidates(schedule, budget, methods, families) + \
         dynamic.dp_candidates(local, schedule, budget, methods)
     theirs = peer_candidates(schedule, budget) if peers else []
-    screened = {c: first(c) for c in candidates + theirs}
+    screened = first.many(candidates + theirs)
     say(f"{budget} calls: {len(screened)} candidates screened")
     best = lowest(screened, 2 * finalists)
-    bounded = [c for c in best if c.grid.name in BOUNDED]
-    for cand in bounded:
-        family = cand.grid.name
-        for sigma in LAST_SIGMAS:
-            for more in family_candidates(schedule, budget, [cand.method], [family], sigma):
-                screened[more] = first(more)
-    selected = {c: select(c) for c in lowest(screened, 2 * finalists)}
+    screened.update(first.many([more for cand in best if cand.grid.name in BOUNDED for sigma in LAST_SIGMAS
+                                for more in family_candidates(schedule, budget, [cand.method], [cand.grid.name],
+                                                              sigma)]))
+    selected = select.many(lowest(screened, 2 * finalists))
     say(f"{budget} calls: {len(selected)} candidates on every selection noise")
     for cand in lowest(selected, optimise):
         tuned, value = optimise_times(select, cand, schedule, evaluations)
@@ -144,19 +169,15 @@ def _tune_budget(model, schedule, budget, noise, validation_noise, teacher, loca
         say(f"{budget} calls: teacher error {teacher.error:.1e} is not 10x below {best_error:.1e}: refining")
         teacher = teacher.refined(model, torch.cat([noise, validation_noise]), schedule, backend)
         select.truth = teacher.x[:n]
-        selected = {c: select(c) for c in selected}
+        selected = select.many(selected)
         best_error = min(selected.values())
-    validate = _Scorer(model, schedule, validation_noise, teacher.x[n:], backend, (n, total, total))
-    final = {c: validate(c) for c in lowest(selected, finalists, distinct=lambda c: c)}
-    say(f"{budget} calls: validated " + ", ".join(f"{c.label} {v:.4g}" for c, v in final.items()))
+    validate = _Scorer(model, schedule, validation_noise, teacher.x[n:], backend, (n, total, total), together)
+    finals = lowest(selected, finalists, distinct=lambda c: c)
     peer_best = min(((c, screened[c]) for c in theirs), key=lambda cv: cv[1], default=(None, None))[0]
-    peer_error = None
-    if peer_best is not None:
-        peer_error = validate(peer_best)
-        final[peer_best] = peer_error
-    static = _static_choice(schedule, budget)
-    if static is not None:  # never worse than what `auto` runs without a profile
-        final[static] = validate(static)
+    static = _static_choice(schedule, budget)  # never worse than what `auto` runs without a profile
+    final = validate.many(finals + [c for c in (peer_best, static) if c is not None])
+    say(f"{budget} calls: validated " + ", ".join(f"{c.label} {final[c]:.4g}" for c in finals))
+    peer_error = None if peer_best is None else final[peer_best]
     choice = min(final, key=final.get)
     say(f"{budget} calls: {choice.label}, validated error {final[choice]:.4g}")
     entry = {"method": choice.method, "times": list(choice.grid.times), "convention": choice.grid.convention,
