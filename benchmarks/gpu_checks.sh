@@ -2,7 +2,7 @@
 # Every measurement that needs a CUDA card, in one run of at most 10 minutes on an H100/H200, recorded into
 # benchmarks/RESULTS.md (section "## GPU checks", by benchmarks/record_gpu.py):
 #   1. the GPU tests (Triton kernel, fused and graph backends, guidance in the graph, AOT compile), failures named
-#   2. the whole suite with the GPU present, each result logged as it finishes (the GPU tests above left out)
+#   2. the whole suite with the GPU present, last, each result logged as it finishes (the GPU tests left out)
 #   3. the fused op against the copy roofline and torch.compile of the same combination, eager and inside a CUDA
 #      graph (bench_kernels)
 #   4. per sampling step on the digits and cifar10 UNets at batch 1, 16, 256: the graph backend with each
@@ -53,14 +53,15 @@ parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14 --dist load")
 gpu_parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12 --dist load")
 stage install 90 python3 -m pip install --no-deps --no-build-isolation -e .
 stage gpu_tests 100 python3 -m pytest -v -p no:cacheprovider -rfE $gpu_parallel $GPU_TESTS
-# The whole suite with the GPU present: test names as they finish, so a cut-short stage still says what failed.
+stage kernels 60 python3 benchmarks/bench_kernels.py --quick --device cuda --out "$OUT/kernels"
+stage stack 240 python3 benchmarks/bench_stack.py --quick --device cuda --out "$OUT/stack"
+stage tune 45 python3 benchmarks/tune_lincomb.py --quick --device cuda --out "$OUT/tune"
+# The whole suite with the GPU present, last (it needs the host's cores, not the card): test names as they finish,
+# so a cut-short stage still says what failed.
 timeout_flag=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
 ignored=$(for f in $GPU_TESTS; do echo "--ignore $f"; done)
 OMP_NUM_THREADS=1 stage full_suite 240 python3 -m pytest -v -p no:cacheprovider --tb=short -rfE $parallel \
     $timeout_flag $ignored
-stage kernels 60 python3 benchmarks/bench_kernels.py --quick --device cuda --out "$OUT/kernels"
-stage stack 300 python3 benchmarks/bench_stack.py --quick --device cuda --out "$OUT/stack"
-stage tune 45 python3 benchmarks/tune_lincomb.py --quick --device cuda --out "$OUT/tune"
 python3 benchmarks/record_gpu.py "$OUT" --results "$OUT/RESULTS.md"
 grep -hE "^(FAILED|ERROR)|(FAILED|ERROR) tests/" "$OUT/gpu_tests.log" "$OUT/full_suite.log" | sort -u | head -60
 tar -czf "$PACK" -C "$OUT" --exclude "$(basename "$PACK")" .

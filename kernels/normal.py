@@ -17,6 +17,7 @@ import triton.language as tl
 from .interpreter import kernel_for
 
 BLOCK = 1024
+MAX_BLOCKS = 65535  # CUDA's limit on a grid's second axis
 NUM_WARPS = 4
 # Philox4x32's round multipliers and key increments (Salmon et al. 2011, Random123)
 PHILOX_M0, PHILOX_M1 = tl.constexpr(0xD2511F53), tl.constexpr(0xCD9E8D57)
@@ -64,8 +65,8 @@ def normal_rows(seeds: torch.Tensor, numel: int) -> torch.Tensor:
     CUDA tensors, or CPU tensors with TRITON_INTERPRET=1."""
     if seeds.dtype != torch.int64 or seeds.dim() != 1:
         raise TypeError("normal_rows needs a 1-d int64 tensor of seeds")
-    if not 0 <= numel < 2**31:
-        raise ValueError(f"normal_rows draws 0 to 2^31 - 1 values per row, not {numel}")
+    if not 0 <= numel <= MAX_BLOCKS * BLOCK:  # a row's blocks are the grid's second axis
+        raise ValueError(f"normal_rows draws 0 to {MAX_BLOCKS * BLOCK} values per row, not {numel}")
     out = torch.empty((seeds.numel(), numel), dtype=torch.float32, device=seeds.device)
     if out.numel() == 0:
         return out

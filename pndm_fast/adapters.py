@@ -89,6 +89,8 @@ class Denoiser:
     def module(self) -> torch.nn.Module | None:
         """The torch module behind the network (for its device, dtype and input checks), if there is one."""
         net = self.net.unet if isinstance(self.net, DiffusersNet) else self.net
+        if not isinstance(net, torch.nn.Module):
+            net = getattr(net, "module", None)  # a wrapper that names its module (the tuner's GatheredNet)
         return net if isinstance(net, torch.nn.Module) else None
 
     def check_schedule(self, schedule) -> None:

@@ -199,7 +199,7 @@ class GraphRunner:
         self.graph.replay()
 
 
-_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.RLock()  # re-entrant: a network may itself sample with a graph
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 

@@ -19,6 +19,8 @@ STEP_STREAM = 1  # a fourth word in the seed of a step's draw: never the (seed, 
 # Threads pay off for rows of 4096 values and up (2 cores: 1.7x at 3x64x64); below, the per-row Python work under
 # the GIL costs more than the draws (digits' 784 values: 1.5x slower on 2 threads).
 MIN_THREADED_ROW, MIN_ROWS_PER_THREAD = 4096, 64
+# Why a CUDA run draws on the host after all (None while the device kernel works): the draws then are the CPU's.
+DEVICE_DRAW_ERROR: str | None = None
 
 
 def noise_for(indices: Sequence[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -33,15 +35,20 @@ def step_noise(seed: int, indices: Sequence[int], count: int, shape: tuple[int, 
     """A stochastic run's fresh draws, (count, len(indices), *shape) float32 on `device`: [k, row] is draw k of
     image indices[row]. On a CUDA device with Triton they are drawn there, by one launch of a counter-based
     generator (Philox, kernels/normal.py) keyed with the same seeds, and nothing is drawn on the host; elsewhere
-    by torch's CPU generator. The two are different numbers: a run's images depend on the device type it runs
-    on, never on its backend, batch or processes."""
+    by torch's CPU generator (also where the kernel fails to launch: DEVICE_DRAW_ERROR says why). The two are
+    different numbers: a run's images depend on the device type it runs on, never on its backend, batch or
+    processes."""
+    global DEVICE_DRAW_ERROR
     words = [(seed, index, STEP_STREAM, k) for k in range(count) for index in indices]
     device = torch.device(device)
-    kernel = device_generator() if device.type == "cuda" else None
-    if kernel is None:
-        return _draws(words, shape).view(count, len(indices), *shape).to(device)
-    seeds = torch.tensor(derived_seeds(words), dtype=torch.int64).to(device, non_blocking=True)
-    return kernel(seeds, math.prod(shape)).view(count, len(indices), *shape)
+    kernel = device_generator() if device.type == "cuda" and DEVICE_DRAW_ERROR is None else None
+    if kernel is not None:
+        seeds = torch.tensor(derived_seeds(words), dtype=torch.int64).to(device, non_blocking=True)
+        try:
+            return kernel(seeds, math.prod(shape)).view(count, len(indices), *shape)
+        except Exception as error:  # noqa: BLE001 - a card Triton cannot compile for: the CPU's draws still work
+            DEVICE_DRAW_ERROR = f"{type(error).__name__}: {error}"
+    return _draws(words, shape).view(count, len(indices), *shape).to(device)
 
 
 @functools.cache

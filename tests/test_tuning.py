@@ -320,3 +320,32 @@ def test_candidates_scored_together_score_as_one_at_a_time(ring):
     assert got.keys() == want.keys() and together.forwards == alone.forwards
     for c in candidates:
         assert got[c] == pytest.approx(want[c], rel=1e-9, abs=1e-12), c.label
+
+
+def test_a_half_precision_network_with_grads_scores_together_as_alone():
+    """The shared network still names its module: its dtype, bfloat16, is what the sampler feeds it, with a
+    conditioning row per image and weights that require grad (planted: a shared network without its module, and
+    the gathered scores raise)."""
+    from pndm_fast.tuning import _Scorer
+    from pndm_fast.tuning.search import family_candidates
+
+    class Net(torch.nn.Module):  # reads its input in its own dtype only: a float32 input is an error
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t, y=None):
+            return self.conv(x) * y[:, None, None, None] * 0.1
+
+    torch.manual_seed(0)
+    net = Net().to(torch.bfloat16)  # weights that require grad, as a user's module may have
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = Denoiser(net, cond={"y": torch.tensor([0.5, 1.0, 1.5], dtype=torch.bfloat16)})
+    truth = torch.zeros_like(noise) + 0.5
+    candidates = family_candidates(LINEAR, 4, ["DDIM", "DPM-Solver++2M", "Heun"], ("logsnr",))
+    alone = _Scorer(model, LINEAR, noise, truth, "torch", (0, 3, 3))
+    together = _Scorer(model, LINEAR, noise, truth, "torch", (0, 3, 3), together=3)
+    want = {c: alone(c) for c in candidates}
+    got = in_time(lambda: together.many(candidates))
+    for c in candidates:
+        assert math.isfinite(want[c]) and got[c] == pytest.approx(want[c], rel=1e-3), c.label

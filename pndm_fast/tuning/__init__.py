@@ -75,7 +75,7 @@ class _Scorer:
         backend = "fused" if self.backend in ("auto", "graph") else self.backend
         rows = (0, len(self.noise), len(self.noise))
         scores = score_together(lambda c, net: self._score(c, noise_rows(self.model, *rows, net=net), backend),
-                                self.model.net, candidates, self.together)
+                                self.model.net, candidates, self.together, self.model.module, self.noise.device)
         self.forwards += sum(forwards for _, forwards in scores)
         return {c: error for c, (error, _) in zip(candidates, scores)}
 

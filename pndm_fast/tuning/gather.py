@@ -8,6 +8,7 @@ forwards; a candidate that ends (fewer calls) or fails leaves the group and the 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -19,8 +20,9 @@ class GatheredNet:
     """A network shared by `parties` threads: each call waits for the same call of every other party still
     sampling, then one forward answers them all. `leave()` when a party is done."""
 
-    def __init__(self, net: Callable, parties: int):
-        self.net, self.live, self.forwards = net, parties, 0
+    def __init__(self, net: Callable, parties: int, module: torch.nn.Module | None = None):
+        # `module`: the torch module behind `net`, so that the sampler still sees its dtype, device and options
+        self.net, self.module, self.live, self.forwards = net, module, parties, 0
         self._turn = threading.Condition()
         self._waiting: list[tuple] = []
 
@@ -43,21 +45,29 @@ class GatheredNet:
                 self._answer()
 
     def _answer(self) -> None:
-        """One forward of every waiting call (the lock is held: every live party is waiting)."""
+        """One forward of every waiting call (the lock is held: every live party is waiting). It may run in a party
+        that is leaving, outside its sampling: inference mode is set here, as each party's own is per thread."""
         calls, self._waiting = self._waiting, []
         rows = [len(x) for x, *_ in calls]
         try:
-            first = calls[0][2]
-            kwargs = {key: torch.cat([c[2][key] for c in calls]) if _per_row(value, rows[0]) else value
-                      for key, value in first.items()}
-            out = self.net(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), **kwargs)
-            self.forwards += 1
-            for (*_, answer), part in zip(calls, torch.split(out, rows)):
+            with torch.inference_mode():
+                first = calls[0][2]
+                if all(_per_row(value, rows[0]) or all(_same(c[2][key], value) for c in calls)
+                       for key, value in first.items()):
+                    kwargs = {key: torch.cat([c[2][key] for c in calls]) if _per_row(value, rows[0]) else value
+                              for key, value in first.items()}
+                    out = self.net(torch.cat([c[0] for c in calls]), torch.cat([c[1] for c in calls]), **kwargs)
+                    parts = torch.split(out, rows)
+                else:  # arguments that cannot be stacked (nested dicts, lists): one forward per party
+                    parts = [self.net(x, t, **kwargs) for x, t, kwargs, _ in calls]
+                self.forwards += 1
+            for (*_, answer), part in zip(calls, parts):
                 answer["out"] = part
-        except Exception as error:  # noqa: BLE001 - every party of the forward gets its error
+        except BaseException as error:  # every party of the forward gets its error, even an interrupt's
             for *_, answer in calls:
                 answer["error"] = error
-        self._turn.notify_all()
+        finally:
+            self._turn.notify_all()
 
 
 def _per_row(value, rows: int) -> bool:
@@ -65,17 +75,30 @@ def _per_row(value, rows: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == rows
 
 
-def score_together(run: Callable, net: Callable, candidates: list, group: int) -> list:
+def _same(a, b) -> bool:
+    """One value for every party: the same object, or equal tensors (each party's runner keeps its own copy)."""
+    if a is b:
+        return True
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and \
+        a.dtype == b.dtype and bool(torch.equal(a, b))
+
+
+def score_together(run: Callable, net: Callable, candidates: list, group: int,
+                   module: torch.nn.Module | None = None, device: torch.device | None = None) -> list:
     """[run(candidate, shared_net) for candidate in candidates], `group` at a time in threads on one GatheredNet
-    of `net` each. `run` samples with the net it is given and returns the candidate's score."""
+    of `net` (behind it `module`) each. `run` samples with the net it is given and returns the candidate's score;
+    each thread works on `device` (CUDA's current device is per thread)."""
     scores = []
     for start in range(0, len(candidates), group):
         chunk = candidates[start:start + group]
-        shared = GatheredNet(net, len(chunk))
+        shared = GatheredNet(net, len(chunk), module)
 
         def one(candidate):
+            on_device = torch.cuda.device(device) if device is not None and device.type == "cuda" else \
+                contextlib.nullcontext()
             try:
-                return run(candidate, shared)
+                with on_device:
+                    return run(candidate, shared)
             finally:
                 shared.leave()
 
