@@ -82,7 +82,7 @@ def row(model: str, batch: int, variant: str, calls: int, first_s: float, timing
             "x_bound": None if bound_s is None else timing.seconds / bound_s} | extra
 
 
-def noise_for(config: dict, batch: int, device: torch.device) -> torch.Tensor:
+def batch_noise(config: dict, batch: int, device: torch.device) -> torch.Tensor:
     return torch.randn((batch, *image_shape(config)), generator=torch.Generator().manual_seed(0)).to(device)
 
 
@@ -95,7 +95,7 @@ def stack_rows(name: str, batches: list[int], device: torch.device, reps: int, b
         model, _ = load(name, device, dtype, cl)
         fmt = torch.channels_last if cl else torch.contiguous_format
         for batch in batches:
-            noise = noise_for(config, batch, device)
+            noise = batch_noise(config, batch, device)
             x = noise.to(next(model.parameters()).dtype, memory_format=fmt)
             t = torch.full((batch,), 500.0, device=device)
             forward = bound(lambda: model(x, t), device, reps)
@@ -133,7 +133,7 @@ def guided_rows(batches: list[int], device: torch.device, reps: int, backend: st
     net, _ = load(GUIDED, device, "fp32")
     rows = []
     for batch in batches:
-        noise = noise_for(config, batch, device)
+        noise = batch_noise(config, batch, device)
         labels = torch.arange(batch, device=device) % 10
         null = torch.full_like(labels, 10)
         guided = Denoiser(net, cond={"y": labels}, uncond={"y": null}, guidance=GUIDANCE)
@@ -170,7 +170,7 @@ def peer_rows(name: str, batches: list[int], device: torch.device, reps: int, ba
     unet = torch.compile(model, mode=unet_mode(device), dynamic=False)
     rows = []
     for batch in batches:
-        noise = noise_for(config, batch, device)
+        noise = batch_noise(config, batch, device)
 
         def theirs():
             x = noise

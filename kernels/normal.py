@@ -29,7 +29,7 @@ TWO_TO_MINUS_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24: a 24-bit intege
 def normal_kernel(
     out_ptr,  # *fp32 [rows, numel], contiguous
     seeds_ptr,  # *int64 [rows]: each row's 63-bit seed
-    numel,  # int: values per row, < 2^31
+    numel,  # int: values per row, at most MAX_BLOCKS * BLOCK
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)  # rows on the first axis: the second and third stop at 65535 programs

@@ -1,8 +1,8 @@
 """Seeds derived from a tuple of integers, so each random draw depends on what it is for and nothing else.
 
 `derived_seeds` is numpy's SeedSequence (the hash of O'Neill's seed_seq) written over arrays: thousands of seeds,
-one per (image, draw) of a stochastic run, cost one vectorised hash instead of one SeedSequence object each, and
-equal `derived_seed`'s bit for bit (tests/test_seeds.py checks it against numpy's own).
+one per (image, draw) of a stochastic run, cost one vectorised hash instead of one SeedSequence object each, bit
+for bit the same (tests/test_seeds.py checks it against numpy's own).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ XSHIFT = 16
 
 def derived_seed(*words: int) -> int:
     """A 63-bit seed that depends on `words` only (e.g. (seed, image index)), well mixed by SeedSequence."""
-    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derived_seeds([words])[0]
 
 
 def derived_seeds(rows: Sequence[Sequence[int]]) -> list[int]:

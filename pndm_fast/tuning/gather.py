@@ -22,7 +22,7 @@ class GatheredNet:
 
     def __init__(self, net: Callable, parties: int, module: torch.nn.Module | None = None):
         # `module`: the torch module behind `net`, so that the sampler still sees its dtype, device and options
-        self.net, self.module, self.live, self.forwards = net, module, parties, 0
+        self.net, self.module, self.live = net, module, parties
         self._turn = threading.Condition()
         self._waiting: list[tuple] = []
 
@@ -60,7 +60,6 @@ class GatheredNet:
                     parts = torch.split(out, rows)
                 else:  # arguments that cannot be stacked (nested dicts, lists): one forward per party
                     parts = [self.net(x, t, **kwargs) for x, t, kwargs, _ in calls]
-                self.forwards += 1
             for (*_, answer), part in zip(calls, parts):
                 answer["out"] = part
         except BaseException as error:  # every party of the forward gets its error, even an interrupt's
