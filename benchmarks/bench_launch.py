@@ -35,7 +35,7 @@ def providers(shape, device) -> dict:
     x = torch.randn(shape, device=device)
     eps = [torch.randn(shape, device=device) for _ in range(4)]
     impl = ops.available_impls(device)[0]
-    args = (x, x, eps, WEIGHTS, True, None, None, False)
+    args = (x, x, eps, WEIGHTS, True, None, None, False, [], [])  # no out2, no blend
     a, b, c = torch.randn(shape, device=device), torch.randn(shape, device=device), torch.empty(shape, device=device)
     found = {"torch.add": functools.partial(torch.add, a, b, out=c)}
     if impl == "torch":

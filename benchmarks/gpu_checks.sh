@@ -9,6 +9,7 @@
 #      combination kernel, bf16, guidance, each against calls x one graphed forward; diffusers' compiled loop as
 #      the peer (bench_stack)
 #   5. the kernel's launch configurations against the copy roofline (tune_lincomb)
+#   6. inpainting's blend inside the fused pass against its own passes, eager and graphed (bench_blend)
 # Each stage gets at most its own limit and what is left of SECONDS, so a short lease still records the stages
 # before it. After every stage the logs and JSON rows so far are packed into OUT/results.tgz.
 #
@@ -56,6 +57,7 @@ stage gpu_tests 100 python3 -m pytest -v -p no:cacheprovider -rfE $gpu_parallel 
 stage kernels 60 python3 benchmarks/bench_kernels.py --quick --device cuda --out "$OUT/kernels"
 stage stack 240 python3 benchmarks/bench_stack.py --quick --device cuda --out "$OUT/stack"
 stage tune 45 python3 benchmarks/tune_lincomb.py --quick --device cuda --out "$OUT/tune"
+stage blend 30 python3 benchmarks/bench_blend.py --quick --device cuda --out "$OUT/blend" --doc none
 # The whole suite with the GPU present, last (it needs the host's cores, not the card): test names as they finish,
 # so a cut-short stage still says what failed.
 timeout_flag=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")

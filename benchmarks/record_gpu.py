@@ -2,7 +2,7 @@
 
     python benchmarks/record_gpu.py OUT [--results benchmarks/RESULTS.md]
 
-Reads OUT/<stage>/<bench>.json (bench_kernels, tune_lincomb, bench_stack) and OUT/gpu_tests.log and
+Reads OUT/<stage>/<bench>.json (bench_kernels, tune_lincomb, bench_stack, bench_blend) and OUT/gpu_tests.log and
 OUT/full_suite.log; each table comes with the command that made it, the card and the versions its rows recorded.
 run_all.py keeps `## GPU` sections.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_blend  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_stack  # noqa: E402
 import common  # noqa: E402
@@ -27,7 +28,8 @@ HEADING = "## GPU checks"
 TABLES = [("The fused op against the copy roofline and torch.compile, eager and graphed", "kernels", bench_kernels),
           ("Kernel launch configurations against the copy roofline", "tune", tune_lincomb),
           ("Per sampling step: combination kernels, bf16, guidance, the graph bound and diffusers", "stack",
-           bench_stack)]
+           bench_stack),
+          ("Inpainting's blend inside the fused pass, against its own passes", "blend", bench_blend)]
 LOGS = [("The GPU tests", "gpu_tests.log"), ("The whole suite on the GPU (the GPU tests left out)", "full_suite.log")]
 
 

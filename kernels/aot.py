@@ -23,16 +23,18 @@ from .normal import normal_kernel
 OPERAND_TYPES = tuple({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[str(d)[6:]] for d in OPERAND_DTYPES)
 # every (BLOCK, num_warps) that launch_config picks, smallest first
 LAUNCH_CONFIGS = tuple(sorted((block, num_warps) for _, block, num_warps in _TABLE))
-# (KEEP_X, HAS_OUT2, KEEP_X2); KEEP_X2 is always False without out2 (see lincomb_triton)
-FLAGS = tuple((kx, h, kx2) for kx in (True, False) for h, kx2 in ((False, False), (True, True), (True, False)))
+# (KEEP_X, HAS_OUT2, KEEP_X2, BLEND); KEEP_X2 is always False without out2 (see lincomb_triton)
+FLAGS = tuple((kx, h, kx2, blend) for blend in (False, True) for kx in (True, False)
+              for h, kx2 in ((False, False), (True, True), (True, False)))
 
 
 def specializations(full: bool = True) -> list[tuple]:
     """(num_operands, operand type, flags, (BLOCK, num_warps)) tuples.
 
-    full: every combination with one operand dtype (1 + 5*3 operand sets x 6 flag sets x the launch configs;
-    192 with two). Otherwise a covering set (21 with two configs): every (count, dtype) once, rotating flags and configs, plus every flag set
-    with 5 bf16 operands. Mixed operand dtypes also launch; they lower through the same per-operand code.
+    full: every combination with one operand dtype (1 + 5*3 operand sets x 12 flag sets x the launch configs;
+    384 with two). Otherwise a covering set (27 with two configs): every (count, dtype) once, rotating flags and
+    configs, plus every flag set with 5 bf16 operands. Mixed operand dtypes also launch; they lower through the
+    same per-operand code.
     """
     operand_sets = [(0, "fp32")] + [(k, t) for k in range(1, MAX_OPERANDS + 1) for t in OPERAND_TYPES]
     if full:
@@ -44,14 +46,16 @@ def specializations(full: bool = True) -> list[tuple]:
 
 def compile_one(arch: int, num_operands: int, operand_type: str, flags: tuple, config: tuple, n_type: str = "i32"):
     """One specialization as the JIT would build it for 16-byte aligned tensors and N divisible by 16."""
-    keep_x, has_out2, keep_x2 = flags
+    keep_x, has_out2, keep_x2, blend = flags
     block, num_warps = config
     vs = [operand_type if j < num_operands else "fp32" for j in range(MAX_OPERANDS)]  # unused ones are x
     pointers = ["out_ptr", "out2_ptr", "x_ptr"] + [f"v{j}_ptr" for j in range(MAX_OPERANDS)]
-    signature = dict(zip(pointers, ["*fp32"] * 3 + [f"*{t}" for t in vs]))
+    pointers += ["m_ptr", "k_ptr", "n_ptr"]
+    signature = dict(zip(pointers, ["*fp32"] * 3 + [f"*{t}" for t in vs] + ["*fp32"] * 3))
     signature.update({f"{w}{j}": "fp32" for w in "wu" for j in range(MAX_OPERANDS + 1)})
-    signature["n_elements"] = n_type
-    constexprs = dict(NUM_OPERANDS=num_operands, KEEP_X=keep_x, HAS_OUT2=has_out2, KEEP_X2=keep_x2, BLOCK=block)
+    signature.update(b0="fp32", b1="fp32", n_elements=n_type)
+    constexprs = dict(NUM_OPERANDS=num_operands, KEEP_X=keep_x, HAS_OUT2=has_out2, KEEP_X2=keep_x2, BLEND=blend,
+                      BLOCK=block)
     signature.update({name: "constexpr" for name in constexprs})
     names = lincomb_kernel.arg_names
     aligned = {(names.index(p),): [["tt.divisibility", 16]] for p in pointers + ["n_elements"]}

@@ -2,6 +2,10 @@
 
     out  = (x if keep_x  else 0) + (w[0]*x  + sum_j w[j+1]*v_j)
     out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional)
+    out  = m * out + b[0]*k + b[1]*n                                  (optional blend, after the sum)
+
+The blend is inpainting's (pndm_fast/editing.py): m the mask, k = (1 - m) image and n = (1 - m) noise, so the
+kept pixels are set back to the image at the step's level in the pass that computed the step.
 
 With 4 operands the plain-torch twin (pndm_fast.ops.lincomb_torch) runs 11 kernels per output and moves
 27 tensors' worth of bytes; fused it is one kernel, 5 reads + 1 write (+1 write for out2). The delta is
@@ -34,16 +38,19 @@ DIRECT_LAUNCH_ERROR: Optional[str] = None
 @triton.jit
 def lincomb_kernel(
     out_ptr,  # *fp32 [N]: first output; may be x_ptr itself (in-place x <- x + delta)
-    out2_ptr,  # *fp32 [N]: second output; points at out_ptr and is never touched when HAS_OUT2 is False
+    out2_ptr,  # *fp32 [N]: second output, may be x_ptr; points at out_ptr, never touched, without HAS_OUT2
     x_ptr,  # *fp32 [N]: current sample x
     v0_ptr, v1_ptr, v2_ptr, v3_ptr, v4_ptr,  # *fp32|bf16|fp16 [N]: operands; the unused ones point at x, never read
     w0, w1, w2, w3, w4, w5,  # fp32: out's weights of x, v0..v4 (rounded from the caller's float64)
     u0, u1, u2, u3, u4, u5,  # fp32: out2's weights of x, v0..v4 (0.0 when HAS_OUT2 is False)
+    m_ptr, k_ptr, n_ptr,  # *fp32 [N]: the blend's mask, (1 - mask) image, (1 - mask) noise; x when BLEND is False
+    b0, b1,  # fp32: the blend's weights of k and n (0.0 when BLEND is False)
     n_elements,  # int: N, may exceed 2**31 (a 256x3x256x256 fp32 batch is 50M, 8 GB tensors are 2**31)
     NUM_OPERANDS: tl.constexpr,  # 0..5; loads of the unused operands compile away
     KEEP_X: tl.constexpr,  # out = x + delta (True) or delta (False)
     HAS_OUT2: tl.constexpr,  # compute and store out2
     KEEP_X2: tl.constexpr,  # out2 = x + delta2 (True) or delta2 (False)
+    BLEND: tl.constexpr,  # out = m * out + b0 * k + b1 * n
     BLOCK: tl.constexpr,  # elements per program, a power of two
 ):
     # int64 offsets: pid * BLOCK overflows int32 past 2**31 elements.
@@ -88,7 +95,11 @@ def lincomb_kernel(
         if KEEP_X2:
             d2 = x + d2
         tl.store(out2_ptr + offs, d2, mask=mask)
-    # Every load of this block happened above, so out_ptr == x_ptr (in place) is safe.
+    if BLEND:
+        known = b0 * tl.load(k_ptr + offs, mask=mask)
+        known = tl.fma(b1, tl.load(n_ptr + offs, mask=mask), known)
+        d = tl.fma(tl.load(m_ptr + offs, mask=mask), d, known)
+    # Every load of this block happened above, so out_ptr or out2_ptr == x_ptr (in place) is safe.
     tl.store(out_ptr + offs, d, mask=mask)
 
 
@@ -102,23 +113,25 @@ def launch_config(n: int) -> tuple[int, int]:
     return next((block, warps) for start, block, warps in LAUNCH_CONFIGS if n >= start)
 
 
-def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
-                   config: Optional[tuple[int, int]] = None):
+def lincomb_triton(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False, blend=None,
+                   blend_weights=None, config: Optional[tuple[int, int]] = None):
     """Host wrapper: out (and out2) <- see the module docstring; returns None and allocates nothing.
 
     All tensors have one shape and are dense with the same memory order (pndm_fast.ops checks the layout).
     out, out2, x: float32; operands: up to 5 of float32/bfloat16/float16; weights: len(operands)+1 floats.
+    blend: None, or float32 (mask, known image, known noise) with blend_weights (image weight, noise weight).
     CUDA tensors, or CPU tensors with TRITON_INTERPRET=1. User-facing checks live in ``pndm_fast.ops``.
     config: (BLOCK, num_warps) instead of launch_config's, for tuning.
     """
-    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config)
+    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend,
+                                       blend_weights, config)
     # wrap_triton makes the launch visible to torch.compile; torch before 2.13 refuses the interpreter's kernel,
     # which no tracer needs to see.
     (kernel if x.device.type == "cpu" else wrap_triton(kernel))[grid](*args, **meta)
 
 
-def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
-         config: Optional[tuple[int, int]] = None) -> Callable[[], None]:
+def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False, blend=None,
+         blend_weights=None, config: Optional[tuple[int, int]] = None) -> Callable[[], None]:
     """A no-argument launcher of one call over fixed buffers: the compiled kernel is fetched once, here.
 
     Each call then goes straight to triton's C launcher with the argument tuple built here: no torch.library
@@ -126,7 +139,8 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     The stream is read at each call, so a CUDA graph capture on a side stream records the launch. Falls back
     to the jit path on the interpreter, and while a launch hook (a profiler's) is installed.
     """
-    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config)
+    kernel, grid, args, meta = _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend,
+                                       blend_weights, config)
     jit_call = functools.partial(kernel[grid], *args, **meta)
     if x.device.type != "cuda":
         return jit_call
@@ -149,7 +163,8 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     get_stream, grid0 = driver.active.get_current_stream, grid[0]
     runtime = knobs.runtime
 
-    def launch(_keep_alive=(out, x, operands, out2)) -> None:  # the default holds the tensors behind the pointers
+    # the default argument holds the tensors behind the pointers
+    def launch(_keep_alive=(out, x, operands, out2, blend)) -> None:
         if runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
             return jit_call()
         launcher(grid0, 1, 1, get_stream(device), function, packed, None, None, None, *launch_args)
@@ -157,7 +172,7 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     return launch
 
 
-def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config):
+def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights, config):
     """Check a call and return (kernel, grid, positional args, constexpr and launch keywords)."""
     k = len(operands)
     if k > MAX_OPERANDS:
@@ -168,7 +183,11 @@ def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config):
         raise TypeError("lincomb_triton needs float32 x/out/out2")
     if any(v.dtype not in OPERAND_DTYPES for v in operands):
         raise TypeError("lincomb_triton operands must be float32, bfloat16 or float16")
-    tensors = [out, x, *operands] + ([] if out2 is None else [out2])
+    if blend and (len(blend) != 3 or blend_weights is None or len(blend_weights) != 2
+                              or any(t.dtype != STATE_DTYPE for t in blend)):
+        raise ValueError("lincomb_triton's blend is three float32 tensors (mask, image, noise) with two weights")
+    blend = tuple(blend or ())
+    tensors = [out, x, *operands, *blend] + ([] if out2 is None else [out2])
     if any(t.shape != x.shape or t.device != x.device for t in tensors):
         raise ValueError("lincomb_triton needs tensors of one shape and device")
     if x.device.type == "cuda" and torch.cuda.is_available() and x.device.index != torch.cuda.current_device():
@@ -183,7 +202,8 @@ def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, config):
     w = list(weights) + [0.0] * (MAX_OPERANDS - k)
     u = [0.0] * (MAX_OPERANDS + 1) if out2 is None else list(weights2) + [0.0] * (MAX_OPERANDS - k)
     has_out2 = out2 is not None
-    args = (out, out2 if has_out2 else out, x, *v, *w, *u, n)
+    b = list(blend_weights) if blend else [0.0, 0.0]
+    args = (out, out2 if has_out2 else out, x, *v, *w, *u, *(blend or (x, x, x)), *b, n)
     meta = dict(NUM_OPERANDS=k, KEEP_X=bool(keep_x), HAS_OUT2=has_out2, KEEP_X2=has_out2 and bool(keep_x2),
-                BLOCK=block, num_warps=num_warps)
+                BLEND=bool(blend), BLOCK=block, num_warps=num_warps)
     return kernel, (triton.cdiv(n, block),), args, meta

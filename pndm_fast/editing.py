@@ -6,7 +6,8 @@ follows diffusers' blend for a plain UNet: after each step the pixels outside th
 input image noised to the level the step reached, with the same starting noise, and after the last step to the
 image itself (on the paper's grid too, whose last level is ac[0], not 1). Both read levels from the grid, so they
 work with every method and grid (docs/stochastic.md). The blend is a plan entry (`Blend`, appended to each step by
-`masked_plan`), so it runs on every plan backend, inside a CUDA graph too.
+`masked_plan`), so it runs on every plan backend, inside a CUDA graph too; lowering folds it into the fused pass
+that writes the step's state.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class PlanRunner:
         operands = [b[n] if n in b else drawn[n] if n in drawn else stand_in for n in op.operands]
         slots = [j for j, n in enumerate(op.operands) if n not in b and n not in drawn]
         call = bind(b[op.out], b[op.base], operands, op.weights, keep_x=op.keep,
-                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2, impl=fused_op,
+                    out2=b[op.out2] if op.out2 else None, weights2=op.weights2 or None, keep_x2=op.keep2,
+                    blend=self.mask_inputs if op.blend else None, blend_weights=op.blend, impl=fused_op,
                     operands_change=bool(slots))
         for j in slots:
             consumers[op.operands[j]].append((operands, j))
@@ -163,40 +164,81 @@ def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list]
 
 
 class GraphRunner:
-    """One CUDA graph holding the whole sampling loop, every model call and every combination.
+    """The whole sampling loop in CUDA graphs, every model call and every combination.
 
     Capture warms up on a side stream first (cuDNN/cuBLAS choose algorithms and torch.compile compiles there,
     outside the graph); replay copies the noise into the static `x` and relaunches everything in one call. The
     network's outputs live in the graph's private memory pool, at the addresses the capture gave them.
+    `segmented`: one graph per plan step instead, sharing one pool and replayed in the order they were captured, so
+    that the host can run a callback between two steps (`walk`); each step's last forward then also keeps its
+    input and outputs, which the callback's data prediction reads.
     """
 
-    def __init__(self, runner: PlanRunner):
+    def __init__(self, runner: PlanRunner, segmented: bool = False):
         # Holding the runner holds every buffer the graph reads or writes: freed, the allocator would hand
         # their memory to other tensors while the graph still writes there on each replay.
         self.runner = runner
         self.x, self.draws, self.trajectory, self.caller = runner.x, runner.draws, runner.trajectory, runner.caller
-        self.mask_inputs = runner.mask_inputs
+        self.mask_inputs, self.watch = runner.mask_inputs, runner.watch
+        self.segmented, self.graphs = segmented, []
+        self.watched = []  # segmented: what each step's last forward left in watch["last"], static tensors
         # One capture at a time in the process: a capture begins with a device-wide synchronize, which fails while
         # another thread's capture is open and leaves that thread's CUDA generator stuck in capture mode for the
         # rest of the process. thread_local: meanwhile other threads may go on launching, allocating and syncing.
         with _CAPTURE_LOCK:
-            side = warmup_stream(runner.x.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                runner.x.normal_()
-                for buffer in runner.draws + runner.mask_inputs:
-                    buffer.normal_()
-                runner.walk()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                runner.walk()
+            runner.watch["on"] = segmented  # read while capturing only: a replay runs no Python
+            try:
+                side = warmup_stream(runner.x.device)
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    runner.x.normal_()
+                    for buffer in runner.draws + runner.mask_inputs:
+                        buffer.normal_()
+                    runner.walk()
+                torch.cuda.current_stream().wait_stream(side)
+                if segmented:
+                    self._capture_steps()
+                else:
+                    self.graphs.append(torch.cuda.CUDAGraph())
+                    with torch.cuda.graph(self.graphs[0], capture_error_mode="thread_local"):
+                        runner.walk()
+            finally:
+                runner.watch["on"], runner.watch["last"] = False, None
+
+    def _capture_steps(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for i, step in enumerate(self.runner.program):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), \
+                    nvtx_range(f"step {i}", self.runner.nvtx):
+                for call in step:
+                    call()
+            self.graphs.append(graph)
+            self.watched.append(self.runner.watch["last"])
 
     def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
         """Sample from `noise` (and `draws`, `mask_inputs`) by replaying the graph; the result is left in `x` (and
         `trajectory`)."""
         load_inputs(self, noise, draws, mask_inputs)
-        self.graph.replay()
+        self.walk()
+
+    def walk(self, after_step: Callable[[int], None] | None = None) -> None:
+        """Replay from the noise already in `x`; a segmented runner runs `after_step(i)` on the host after step i
+        (with watch["last"] holding that step's last forward), before the trajectory keeps the state."""
+        if not self.segmented:
+            if after_step is not None:
+                raise ValueError("a whole-loop graph has no place between its steps: capture it segmented")
+            self.graphs[0].replay()
+            return
+        if self.trajectory is not None:
+            self.trajectory[0].copy_(self.x)
+        for i, graph in enumerate(self.graphs):
+            graph.replay()
+            if after_step is not None:
+                self.watch["last"] = self.watched[i]
+                after_step(i)
+            if self.trajectory is not None:
+                self.trajectory[i + 1].copy_(self.x)
 
 
 _CAPTURE_LOCK = threading.RLock()  # re-entrant: a network may itself sample with a graph

@@ -11,13 +11,15 @@ A plan says what the method computes (`Lin(out, expr)` over named buffers); this
    one launch with a second output;
 4. base and split: each launch is written as out = base + (c - 1) base + sum_j w_j v_j when the base's coefficient
    is near 1 (the form that keeps a transfer step's A - 1 ~ 1e-3 exact in float32), and a sum past the kernel's
-   operand limit is split into launches that add to the output.
+   operand limit is split into launches that add to the output;
+5. blend: inpainting's mask blend joins the launch that last wrote its buffer, as that launch's epilogue, when
+   nothing read the buffer in between (it then costs three more reads in that pass instead of passes of its own).
 Terms keep the order the builder wrote them in, which is the order the kernel accumulates them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 from .adapters import Denoiser
@@ -51,6 +53,7 @@ class Launch:
     out2: str | None = None
     keep2: bool = False
     weights2: tuple[float, ...] = ()
+    blend: tuple[float, float] | None = None  # then out <- mask out + blend[0] K + blend[1] N (plans.Blend)
 
     def __str__(self) -> str:
         def terms(keep, weights):
@@ -58,6 +61,8 @@ class Launch:
             return " + ".join(head + [f"{w:.6g}*{n}" for w, n in zip(weights, (self.base,) + self.operands) if w])
 
         text = f"{self.out} = {terms(self.keep, self.weights)}"
+        if self.blend:
+            text += f", blended ({self.blend[0]:.6g} image, {self.blend[1]:.6g} noise)"
         return text + (f";  {self.out2} = {terms(self.keep2, self.weights2)}" if self.out2 else "")
 
 
@@ -94,7 +99,7 @@ class Program:
     @property
     def masked(self) -> bool:
         """Whether the program blends a mask (inpainting), reading the runner's mask inputs."""
-        return any(isinstance(op, Blend) for step in self.steps for op in step)
+        return any(isinstance(op, Blend) or isinstance(op, Launch) and op.blend for step in self.steps for op in step)
 
     def __str__(self) -> str:
         lines = [f"{self.method}: {len(self.steps)} steps, {self.launches} fused launches; state "
@@ -139,12 +144,32 @@ def lower(plan: Plan, denoiser: Denoiser, schedule: Schedule) -> Program:
         else:
             steps[step].extend(_launches(op, state))
             i += 1
+    steps = [_fold_blends(s) for s in steps]
     used = {n for step in steps for op in step for n in _names(op)}
     slots = tuple(dict.fromkeys(n for step in steps for op in step if isinstance(op, Forward) for n in op.outputs))
     buffers = tuple(n for n in dict.fromkeys(["x", *(name for name, _ in plan.buffers), *sorted(state)])
                     if n in state and (n in used or n == "x"))
     times = tuple(dict.fromkeys(op.t for step in steps for op in step if isinstance(op, Forward)))
     return Program(plan.method, tuple(tuple(s) for s in steps), buffers, slots, times, plan.draws)
+
+
+def _fold_blends(step: list[Op]) -> list[Op]:
+    """`step` with each Blend made the epilogue of the launch that last wrote its buffer, when no op between the
+    two reads or writes that buffer; a Blend that cannot join stays a pass of its own."""
+    out: list[Op] = []
+    for op in step:
+        if isinstance(op, Blend):
+            touching = [i for i, prior in enumerate(out) if op.buf in _names(prior)]
+            last = out[touching[-1]] if touching else None
+            if isinstance(last, Launch) and last.out2 == op.buf:
+                # The kernel blends its first output; either output may be the base (each element is read first).
+                last = replace(last, out=last.out2, keep=last.keep2, weights=last.weights2, out2=last.out,
+                               keep2=last.keep, weights2=last.weights)
+            if isinstance(last, Launch) and last.out == op.buf and last.blend is None:
+                out[touching[-1]] = replace(last, blend=(op.image_weight, op.noise_weight))
+                continue
+        out.append(op)
+    return out
 
 
 def _names(op: Op) -> tuple[str, ...]:

@@ -2,11 +2,14 @@
 
     out  = (x if keep_x  else 0) + (w[0]*x  + sum_j w[j+1]*v_j)
     out2 = (x if keep_x2 else 0) + (w2[0]*x + sum_j w2[j+1]*v_j)      (optional second output)
+    out  = m*out + b[0]*k + b[1]*n                                    (optional blend of out, last)
 
 The transfer step phi(x_t, eps, t, t-d) of eq. (11) is x + (A-1)*x + B*eps with A = sqrt(a_{t-d}/a_t) close
 to 1, and the pseudo-linear-multistep eps' of eq. (12) is a fixed combination of up to 4 past eps; both are
 plans whose weights are float64 numbers computed once (pndm_fast/plans.py). The delta is accumulated in fp32 and
-added to x last: w[0] = A-1 is ~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it.
+added to x last: w[0] = A-1 is ~1e-3, and folding it into (1+w0)*x in fp32 would lose ~10 bits of it. The blend
+is inpainting's, folded into the pass that writes the step's state: m the mask, k = (1 - m) image and
+n = (1 - m) noise, with the level's weights b (pndm_fast/editing.py).
 
 Implementations, all writing straight into out/out2:
   "triton" - CUDA tensors (or CPU tensors with TRITON_INTERPRET=1): ``pndm_fast::lincomb_triton_``, a
@@ -28,7 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .kernels.constants import MAX_OPERANDS, OPERAND_CODE_NAMES, STATE_DTYPE
+from .kernels.constants import ABI_VERSION, MAX_OPERANDS, OPERAND_CODE_NAMES, STATE_DTYPE
 from .kernels.constants import OPERAND_CODES as _OPERAND_CODES
 
 IMPLS = ("auto", "triton", "cpp", "torch")
@@ -41,10 +44,10 @@ except ImportError as e:  # extension not built: cpp is unavailable, everything 
     _C_ERROR = f"{type(e).__name__}: {e}"
 else:
     # A stale build (compiled against other constants) would read the wrong operands: refuse it.
-    _built = (getattr(_C, "MAX_OPERANDS", None), dict(getattr(_C, "DTYPE_CODES", {})))
-    if _built != (MAX_OPERANDS, OPERAND_CODE_NAMES):
-        _C, _C_ERROR = None, (f"pndm_fast._C was built with (MAX_OPERANDS, DTYPE_CODES) = {_built}, not "
-                              f"{(MAX_OPERANDS, OPERAND_CODE_NAMES)}; rebuild it")
+    _built = (getattr(_C, "MAX_OPERANDS", None), dict(getattr(_C, "DTYPE_CODES", {})), getattr(_C, "ABI_VERSION", 1))
+    if _built != (MAX_OPERANDS, OPERAND_CODE_NAMES, ABI_VERSION):
+        _C, _C_ERROR = None, (f"pndm_fast._C was built with (MAX_OPERANDS, DTYPE_CODES, ABI_VERSION) = {_built}, "
+                              f"not {(MAX_OPERANDS, OPERAND_CODE_NAMES, ABI_VERSION)}; rebuild it")
 
 _triton_lincomb = None  # pndm_fast.kernels.lincomb once _load_triton imported it
 _TRITON_ERROR = None  # why it did not import
@@ -74,7 +77,8 @@ def available_impls(device) -> list[str]:
     return impls
 
 
-def lincomb_torch(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False) -> None:
+def lincomb_torch(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False, blend=None,
+                  blend_weights=None) -> None:
     """The plain-PyTorch twin, in x's dtype (float32, or float64 for a reference); same arguments as lincomb."""
     delta = weights[0] * x
     for w, v in zip(weights[1:], operands):
@@ -85,7 +89,10 @@ def lincomb_torch(out, x, operands, weights, keep_x=True, out2=None, weights2=No
         for w, v in zip(weights2[1:], operands):
             delta2 = delta2 + w * v.to(x.dtype)
         out2.copy_(x + delta2 if keep_x2 else delta2)
-    # Written last: out may be x, which out2 still needed.
+    if blend:
+        mask, known_image, known_noise = blend
+        result = mask * result + (blend_weights[0] * known_image + blend_weights[1] * known_noise)
+    # Written last: out may be x, which out2 still needed (result and out2's value were computed from x first).
     out.copy_(result)
 
 
@@ -98,23 +105,27 @@ def lincomb(
     out2: Optional[torch.Tensor] = None,
     weights2: Optional[Sequence[float]] = None,
     keep_x2: bool = False,
+    blend: Optional[Sequence[torch.Tensor]] = None,
+    blend_weights: Optional[Sequence[float]] = None,
     impl: str = "auto",
 ) -> None:
-    """out <- (x if keep_x else 0) + weights[0]*x + sum_j weights[j+1]*operands[j], and likewise out2.
+    """out <- (x if keep_x else 0) + weights[0]*x + sum_j weights[j+1]*operands[j], and likewise out2; then with
+    blend = (m, k, n) and blend_weights = (b0, b1): out <- m*out + b0*k + b1*n.
 
     All tensors have x's shape, device and layout (all contiguous, or all channels_last).
     x, out, out2: float32 (float64 with impl "torch"/"auto"); operands: 0..5 tensors of float32, bfloat16 or
-    float16 (or x's dtype); weights, weights2: len(operands)+1 Python floats, the first multiplies x.
-    out may be x itself (in-place update); out2 must not overlap out, and no operand may overlap out or out2.
+    float16 (or x's dtype); weights, weights2: len(operands)+1 Python floats, the first multiplies x; blend:
+    three tensors of x's dtype.
+    out or out2 may be x itself (in-place update); out2 must not overlap out, and no input may overlap either.
     No host sync and, in the triton/cpp paths, no allocation: safe inside CUDA graphs and torch.compile.
     Under torch.compile the weights are constants of the graph (a new value recompiles), as they are of a
     captured CUDA graph; there is no autograd formula (sampling runs without grad).
     """
-    bind(out, x, operands, weights, keep_x, out2, weights2, keep_x2, impl)()
+    bind(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights, impl)()
 
 
-def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False,
-         impl="auto", operands_change: bool = False) -> Callable[[], None]:
+def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_x2=False, blend=None,
+         blend_weights=None, impl="auto", operands_change: bool = False) -> Callable[[], None]:
     """Check a lincomb call once and return a no-argument function that performs it.
 
     For executors that repeat the same combinations over fixed buffers: the Python-side checks cost more
@@ -125,11 +136,13 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     """
     weights = [float(w) for w in weights]
     weights2 = None if weights2 is None else [float(w) for w in weights2]
+    # No blend is two empty lists, as the registered ops' schemas take it.
+    blend, blend_weights = list(blend or ()), [float(w) for w in blend_weights or ()]
     # The caller's list itself is kept (not a copy): an executor may put a new tensor of the same shape, dtype and
     # layout into an entry between calls, as the engine does with each model call's output (no copy of it).
     operands = operands if isinstance(operands, list) else list(operands)
-    impl = _check(out, x, operands, weights, out2, weights2, impl)
-    args = (out, x, operands, weights, bool(keep_x), out2, weights2, bool(keep_x2))
+    impl = _check(out, x, operands, weights, out2, weights2, impl, blend, blend_weights)
+    args = (out, x, operands, weights, bool(keep_x), out2, weights2, bool(keep_x2), blend, blend_weights)
     if x.numel() == 0:
         return _nothing
     if impl == "torch":
@@ -145,29 +158,35 @@ def bind(out, x, operands, weights, keep_x=True, out2=None, weights2=None, keep_
     return _load_triton().bind(*args)
 
 
-def _bind_cpp(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> Callable[[], None]:
+def _bind_cpp(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights):
     """A call of the C++ kernel on raw pointers taken once; the closure holds the tensors, so the memory stays."""
-    pointers = (out.data_ptr(), x.data_ptr(), [v.data_ptr() for v in operands],
-                [_OPERAND_CODES.get(v.dtype, 0) for v in operands], x.numel(), list(weights), keep_x,
-                0 if out2 is None else out2.data_ptr(), list(weights2 or []), keep_x2)
+    head = (out.data_ptr(), x.data_ptr())
+    operand_pointers = ([v.data_ptr() for v in operands], [_OPERAND_CODES.get(v.dtype, 0) for v in operands])
+    tail = _cpp_tail(out, x, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights)
     kernel = _C.lincomb
 
-    def run(_keep_alive=(out, x, operands, out2)) -> None:  # the default holds the tensors behind the pointers
-        kernel(*pointers)
+    def run(_keep_alive=(out, x, operands, out2, blend)) -> None:  # the default holds the tensors behind the pointers
+        kernel(*head, *operand_pointers, *tail)
 
     return run
 
 
-def _bind_cpp_changing(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> Callable[[], None]:
+def _bind_cpp_changing(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights):
     """A call of the C++ kernel whose operand pointers and dtype codes are read from the list at each call."""
     head = (out.data_ptr(), x.data_ptr())
-    tail = (x.numel(), list(weights), keep_x, 0 if out2 is None else out2.data_ptr(), list(weights2 or []), keep_x2)
+    tail = _cpp_tail(out, x, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights)
     kernel, codes = _C.lincomb, _OPERAND_CODES
 
-    def run(_keep_alive=(out, x, out2)) -> None:
+    def run(_keep_alive=(out, x, out2, blend)) -> None:
         kernel(*head, [v.data_ptr() for v in operands], [codes[v.dtype] for v in operands], *tail)
 
     return run
+
+
+def _cpp_tail(out, x, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights) -> tuple:
+    """The C++ kernel's arguments after the operands: the count, the weights, out2 and the blend."""
+    return (x.numel(), list(weights), keep_x, 0 if out2 is None else out2.data_ptr(), list(weights2 or []), keep_x2,
+            [t.data_ptr() for t in blend], list(blend_weights))
 
 
 def _nothing() -> None:
@@ -185,11 +204,18 @@ def _traced(x: torch.Tensor) -> bool:
         return True
 
 
-def _check(out, x, operands, weights, out2, weights2, impl) -> str:
+def _check(out, x, operands, weights, out2, weights2, impl, blend=None, blend_weights=None) -> str:
     """Raise a one-line ValueError/TypeError for a wrong call; return the implementation to run."""
     if impl not in IMPLS:
         raise ValueError(f"lincomb: impl={impl!r} is not one of {IMPLS}")
+    blend, blend_weights = blend or (), blend_weights or ()
+    if bool(blend) != bool(blend_weights):
+        raise ValueError("lincomb: blend and blend_weights go together; pass both or neither")
+    if blend and (len(blend) != 3 or len(blend_weights) != 2):
+        raise ValueError(f"lincomb: a blend is 3 tensors (mask, image, noise) and 2 weights, got {len(blend)} and "
+                         f"{len(blend_weights)}")
     named = [("out", out), ("x", x)] + [(f"operands[{j}]", v) for j, v in enumerate(operands)]
+    named += [(f"blend[{j}]", t) for j, t in enumerate(blend)]
     if out2 is not None:
         named.append(("out2", out2))
     for name, t in named:
@@ -208,8 +234,9 @@ def _check(out, x, operands, weights, out2, weights2, impl) -> str:
     if x.dtype not in _OUT_DTYPES:
         raise TypeError(f"lincomb: x has dtype {x.dtype}; expected torch.float32 (or torch.float64 with impl='torch')")
     for name, t in named:
-        if name.startswith("out") and t.dtype != x.dtype:
-            raise TypeError(f"lincomb: {name} has dtype {t.dtype} but x has {x.dtype}; outputs must match x")
+        if name.startswith(("out", "blend")) and t.dtype != x.dtype:
+            raise TypeError(f"lincomb: {name} has dtype {t.dtype} but x has {x.dtype}; outputs and blends must "
+                            "match x")
         if name.startswith("operands") and t.dtype not in _OPERAND_CODES and t.dtype != x.dtype:
             raise TypeError(f"lincomb: {name} has dtype {t.dtype}; expected float32, bfloat16 or float16")
         if t.shape != x.shape:
@@ -276,25 +303,24 @@ def _check_overlaps(named) -> None:
 # The C++ op is opaque to torch.compile, so it is registered with the low-level Library API: a call costs
 # ~9 us of dispatch instead of ~60 us through torch.library.custom_op's Python layers (1x3x8x8, this 2-core box).
 _SCHEMA = ("(Tensor(a!) out, Tensor x, Tensor[] operands, float[] weights, bool keep_x, Tensor(b!)? out2, "
-           "float[]? weights2, bool keep_x2) -> ()")
+           "float[]? weights2, bool keep_x2, Tensor[] blend, float[] blend_weights) -> ()")
 _lib = torch.library.Library("pndm_fast", "FRAGMENT")
 _lib.define("lincomb_cpp_" + _SCHEMA)
 
 
-def _lincomb_cpp_impl(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> None:
+def _lincomb_cpp_impl(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights) -> None:
     # Reachable by anyone as torch.ops.pndm_fast.lincomb_cpp_: raw pointers go to C++ only after every check.
-    _check(out, x, list(operands), list(weights), out2, weights2, "cpp")
-    _C.lincomb(
-        out.data_ptr(), x.data_ptr(), [v.data_ptr() for v in operands], [_OPERAND_CODES[v.dtype] for v in operands],
-        x.numel(), weights, keep_x, 0 if out2 is None else out2.data_ptr(), weights2 or [], keep_x2,
-    )
+    _check(out, x, list(operands), list(weights), out2, weights2, "cpp", blend, blend_weights)
+    _C.lincomb(out.data_ptr(), x.data_ptr(), [v.data_ptr() for v in operands],
+               [_OPERAND_CODES[v.dtype] for v in operands],
+               *_cpp_tail(out, x, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights))
 
 
 _lib.impl("lincomb_cpp_", _lincomb_cpp_impl, "CPU")
 
 
 @torch.library.register_fake("pndm_fast::lincomb_cpp_", lib=_lib)
-def _(out, x, operands, weights, keep_x, out2, weights2, keep_x2) -> None:
+def _(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights) -> None:
     return None  # mutates out/out2 in place, returns nothing
 
 
@@ -324,10 +350,12 @@ def _load_triton():
         out2: Optional[torch.Tensor],
         weights2: Optional[list[float]],
         keep_x2: bool,
+        blend: list[torch.Tensor],
+        blend_weights: list[float],
     ) -> None:
         # Also the fake implementation (triton_op traces it); wrap_triton inside makes the launch visible.
-        _check(out, x, operands, weights, out2, weights2, "triton")
-        module.lincomb_triton(out, x, operands, weights, keep_x, out2, weights2, keep_x2)
+        _check(out, x, operands, weights, out2, weights2, "triton", blend, blend_weights)
+        module.lincomb_triton(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, blend_weights)
 
     _triton_lincomb = module
     return module

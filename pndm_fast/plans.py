@@ -172,7 +172,8 @@ class Threshold:
 class Blend:
     """buf = mask buf + image_weight K + noise_weight N: inpainting's blend of the kept pixels back at a level, with
     the run's inputs mask, K = (1 - mask) image and N = (1 - mask) noise (pndm_fast/editing.py). Pointwise, in
-    place, like Threshold; the runner holds the three inputs."""
+    place, like Threshold; the runner holds the three inputs, and lowering folds the blend into the fused pass that
+    wrote buf."""
 
     buf: str
     image_weight: float

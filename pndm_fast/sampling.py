@@ -70,10 +70,12 @@ def set_cache_limit(limit: int | None) -> None:
             _trim(runners, cache_limit())
 
 
-def cached_runner_count() -> int:
-    """Idle runners held by the cache, over every live model."""
+def cached_runner_count(*models) -> int:
+    """Idle runners held by the cache for `models` (networks, as sample() was given them), or over every live model
+    when none is named."""
     with _LOCK:
-        return sum(len(idle) for runners in list(_RUNNERS.values()) for idle in runners.values())
+        groups = [_RUNNERS.get(m) for m in models] if models else list(_RUNNERS.values())
+        return sum(len(idle) for runners in groups if runners for idle in runners.values())
 
 
 def _trim(runners: OrderedDict, limit: int) -> None:
@@ -197,7 +199,8 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     (1: repaint, 0: keep; broadcast to the noise) blends the kept pixels back at each step's level, as a plan entry
     (every plan backend, the CUDA graph too). `callback(step, t, x, x0_pred)` runs after every step with the state
     at time t (x may be changed in place) and the data prediction of the step's last model call; `progress=True`
-    shows a bar of steps. The callback and the bar run on the eager plan backends (torch, fused, cpp, triton).
+    shows a bar of steps. The callback and the bar run on the plan backends; the graph backend then replays one
+    CUDA graph per step (auto picks the eager fused backend for a watched run).
 
     Returns the final x in noise's dtype, or with return_trajectory a (steps + 1, B, C, H, W) tensor whose
     entry 0 is the noise. The model runs in its own parameters' dtype; the fast backends keep the sampler state
@@ -221,9 +224,9 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
     backend = resolve_backend("fused" if watched and backend == "auto" else backend, noise.device)
     if init_image is not None or strength is not None or mask is not None:
         grid, plan, start, init_image, mask = edited(record, grid, noise, init_image, strength, mask)
-    if watched and backend in ("reference", "graph"):
-        raise UserError(f"a callback and progress run between the steps of a plan: backend {backend!r} has no "
-                        "such place; use backend fused (or torch)")
+    if watched and backend == "reference":
+        raise UserError("a callback and progress run between the steps of a plan: backend 'reference' has no "
+                        "such place; use backend fused, torch or graph")
     if mask is not None and backend == "reference":
         raise UserError("a mask is blended by the plan: backend 'reference' runs a method's own formulas and has "
                         "no blend; use backend torch, fused or graph")
@@ -250,7 +253,7 @@ def sample(model, noise: torch.Tensor, schedule: Schedule, method="F-PNDM", samp
             out = torch.stack(states) if return_trajectory else states[-1]
             return in_family(out, schedule, grid.level, grid.times, return_trajectory).to(noise.dtype)
         owner, key, runner = checkout(denoiser, plan, schedule, noise, backend, return_trajectory,
-                                      nvtx_enabled(nvtx), channels_last)
+                                      nvtx_enabled(nvtx), channels_last, segmented=watched)
         after = None
         try:
             runner.caller.load(denoiser)
@@ -324,7 +327,8 @@ def profiled(denoiser: Denoiser, schedule: Schedule, method, sample_step, model_
     if found is None:
         return method, timesteps, model_calls
     if sample_step is not None or end is not None or not (isinstance(timesteps, str) and timesteps == "uniform"):
-        raise UserError("method auto chooses its own time grid (here its profile's): give model_calls=N only (or name a method)")
+        raise UserError("method auto chooses its own time grid (here its profile's): give model_calls=N only (or name "
+                        "a method)")
     found.check(denoiser, schedule)
     chosen, grid = found.choice(schedule, check_budget(50 if model_calls is None else model_calls))
     return chosen, grid, None
@@ -435,9 +439,10 @@ def _signature(denoiser: Denoiser) -> tuple:
             shape_of(denoiser.model_kwargs), type(denoiser.net).__name__)
 
 
-def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend, trajectory, nvtx, channels_last):
+def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend, trajectory, nvtx, channels_last,
+             segmented: bool = False):
     """(owner, key, runner): an idle runner for this network, plan, shape and dtype, or a new one. The caller owns
-    it until `checkin`."""
+    it until `checkin`. `segmented`: a graph runner replays one graph per step, for a run watched between steps."""
     module = denoiser.module
     owner = module if module is not None else denoiser.net
     model_dtype = model_dtype_of(module, noise.dtype)
@@ -446,8 +451,9 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
     state_dtype = torch.float64 if torch.float64 in (noise.dtype, model_dtype) else torch.float32
     # Buffers made under inference_mode are inference tensors, which a later no_grad call may not write into:
     # the mode keys its own runner. Compiling keys one too, so that no graph captured eagerly is replayed after.
+    segmented = segmented and backend == "graph"
     key = (plan, _signature(denoiser), tuple(noise.shape), noise.device, state_dtype, backend, trajectory, nvtx,
-           channels_last, owner in _COMPILED, torch.is_inference_mode_enabled())
+           channels_last, owner in _COMPILED, torch.is_inference_mode_enabled(), segmented)
     with _LOCK:
         runners = _RUNNERS.get(owner)
         if runners is None:
@@ -467,7 +473,7 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
     if backend == "graph":
         caller.load(denoiser)
         try:
-            runner = GraphRunner(runner)
+            runner = GraphRunner(runner, segmented)
         finally:
             caller.release()
     return owner, key, runner

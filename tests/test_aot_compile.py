@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the lincomb kernel for sm_80 and sm_90, without a GPU (ptxas ships with triton).
 
-A covering set (every operand count x dtype, every flag set: 22 per arch, ~6 s each arch on 2 cores), then, marked
-slow, all 192 specializations per arch (~50 s each), as ``python -m pndm_fast.kernels.aot 80 90`` compiles them.
+A covering set (every operand count x dtype, every flag set: 27 per arch, ~6 s each arch on 2 cores), then, marked
+slow, all 384 specializations per arch (~60 s each), as ``python -m pndm_fast.kernels.aot 80 90`` compiles them.
 `-m "not slow"` leaves the full compile out; nothing here needs a GPU, so nothing is skipped without one.
 """
 
@@ -23,9 +23,12 @@ def _check(kernels, arch):
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, spec
         if spec[0] and spec[1] != "fp32":
             assert "ld.global.v2.b32" in ptx, spec
-        # 4 fp32 per store, BLOCK / (4 * 32 * num_warps) stores per output and thread
+        # 4 elements per load and store, BLOCK / (4 * 32 * num_warps) of each per tensor and thread: x, the
+        # operands and a blend's three tensors are each loaded once
         outputs, (block, num_warps) = 2 if spec[2][1] else 1, spec[3]
-        assert len(re.findall(r"st\.global", ptx)) == outputs * block // (4 * 32 * num_warps), spec
+        per_tensor = block // (4 * 32 * num_warps)
+        assert len(re.findall(r"st\.global", ptx)) == outputs * per_tensor, spec
+        assert len(re.findall(r"ld\.global", ptx)) == (1 + spec[0] + 3 * spec[2][3]) * per_tensor, spec
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -89,6 +89,19 @@ def test_host_profile_names_the_variant_and_its_ops(capsys):
     assert "## digits batch 1, F-PNDM 1 steps, fused:" in printed and "Self CPU" in printed
 
 
+def test_blend_bench_writes_its_rows_and_its_section(tmp_path):
+    import bench_blend
+
+    page = tmp_path / "page.md"
+    page.write_text("# page\n\nkept\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        bench_blend.main(["--smoke", "--out", str(tmp_path), "--device", "cpu", "--doc", str(page)])
+    rows = json.loads((tmp_path / "blend.json").read_text())
+    assert {r["provider"] for r in rows} == {"separate passes", "fused"} and all(r["us"] > 0 for r in rows)
+    text = page.read_text()
+    assert text.startswith("# page\n\nkept\n") and "python benchmarks/bench_blend.py --smoke --device cpu" in text
+
+
 def test_gpu_checks_script_parses_and_names_tests_that_exist():
     """The GPU pass runs only where a GPU is lent: a renamed test or a syntax error must show up here first."""
     import re
@@ -125,7 +138,7 @@ def test_record_gpu_replaces_its_section_and_names_failures(tmp_path):
     assert text.count("## GPU checks") == 1 and "stale table" not in text and "keep" in text and "kept" in text
     assert "| torch-reference |" in text and "python benchmarks/bench_kernels.py --smoke" in text
     assert "- tests/test_a.py::test_x" in text and "- tests/test_b.py::test_y" in text
-    assert "2 failed, 10 passed" in text and text.count("Not recorded") == 2  # tune and stack did not run
+    assert "2 failed, 10 passed" in text and text.count("Not recorded") == 3  # tune, stack and blend did not run
     assert "NVIDIA H100, 580.1" in text
     # a log cut short has no summary line: its failures are still named, and how many results it logged
     assert "- tests/test_c.py::test_w[an id with spaces]\n" in text and "cut short: 2 results logged" in text

@@ -67,7 +67,7 @@ def test_bound_launch_equals_the_registered_op_and_replays_in_a_graph(k):
     gen = torch.Generator().manual_seed(k)
     x, operands, w, w2 = on_cuda(make_case((3, 3, 65, 67), k, OPERAND_DTYPES["mixed"], gen))
     want, want2 = torch.empty_like(x), torch.empty_like(x)
-    torch.ops.pndm_fast.lincomb_triton_(want, x, operands, w, True, want2, w2, False)
+    torch.ops.pndm_fast.lincomb_triton_(want, x, operands, w, True, want2, w2, False, [], [])
     out, out2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     launch = ops.bind(out, x, operands, w, True, out2, w2, False, impl="triton")
     from pndm_fast.kernels import lincomb as kernels

@@ -139,6 +139,37 @@ def test_a_watched_run_takes_the_eager_backend_on_cuda(nets):
     assert steps == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("method", ["F-PNDM", "DPM-Solver++2M-SDE"])
+def test_a_watched_graph_replays_one_graph_per_step_as_the_eager_run(nets, method, runner_cache):
+    """backend 'graph' with a callback replays one graph per step and runs the callback between them: the callback
+    sees the eager fused run's states and data predictions, steers the run as there (it halves x after step 1),
+    and a second call replays the cached step graphs with the same result."""
+    model, _ = nets
+    noise = torch.randn(2, 1, 8, 8, device="cuda")
+
+    def watched(backend):
+        seen = []
+
+        def callback(i, t, x, x0):
+            seen.append((i, t, x.clone(), x0.clone()))
+            if i == 1:
+                x.mul_(0.5)
+
+        with torch.no_grad():
+            out = sample(model, noise, LINEAR, method, 6, backend, True, seed=3, callback=callback)
+        return out, seen
+
+    eager, seen_eager = watched("fused")
+    for out, seen in (watched("graph"), watched("graph")):
+        assert torch.allclose(out, eager, atol=1e-5)
+        assert [(i, t) for i, t, _, _ in seen] == [(i, t) for i, t, _, _ in seen_eager]
+        for (_, _, x, x0), (_, _, x_eager, x0_eager) in zip(seen, seen_eager):
+            assert torch.allclose(x, x_eager, atol=1e-5) and torch.allclose(x0, x0_eager, atol=1e-4)
+    with torch.no_grad():
+        unsteered = sample(model, noise, LINEAR, method, 6, "graph", seed=3)
+    assert (unsteered - eager[-1]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("method", ["DDIM", "Euler-a"])
 def test_the_graph_blends_the_mask_as_the_eager_run(nets, method):
     """Inpainting's blend is a captured plan step reading static mask inputs: the graph gives the eager fused run's

@@ -9,8 +9,10 @@ import types
 import pytest
 import torch
 
-from pndm_fast import Schedule, UserError, build_plan, make_grid, sample
+from pndm_fast import Denoiser, Schedule, UserError, build_plan, make_grid, ops, sample
 from pndm_fast.editing import masked_plan, strength_grid
+from pndm_fast.lowering import Launch, lower
+from pndm_fast.methods import METHODS
 from pndm_fast.plans import Blend
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 warnings inside diffusers
@@ -83,6 +85,86 @@ def test_the_masked_plan_blends_after_every_step_and_keeps_the_image_last():
     levels = [grid.level(t) for t in grid.times[1:-1]] + [1.0]
     assert [b.image_weight for b in blends] == pytest.approx([v ** 0.5 for v in levels], rel=1e-15)
     assert [b.noise_weight for b in blends] == pytest.approx([(1 - v) ** 0.5 for v in levels], abs=1e-15)
+
+
+def guided_on(schedule):
+    """A guided denoiser whose two branches differ: its combinations read twice the operands, so the lowering pairs
+    them differently (UniPC's corrected state becomes the launch's second output)."""
+    def net(x, t, y):
+        return exact_eps(x, schedule.alpha(float(t[0]))) + 0.05 * y
+    return Denoiser(net, cond={"y": 1.0}, uncond={"y": -1.0}, guidance=1.5)
+
+
+def soft_inputs():
+    """inputs() with a column of the repainted half at mask 0.25: every term of the blend shows in every state."""
+    noise, image, mask = inputs()
+    mask[..., 1] = 0.25
+    return noise, image, mask
+
+
+def blend_after_each_step(grid, image, noise, mask):
+    """Inpainting's blend written here from diffusers' convention and applied through the callback after each step
+    of a run without a mask: the kept pixels become the image noised to the step's level, the image itself after
+    the last step. The reference that the plan's blend, folded into the fused pass, is judged against."""
+    def blend(i, t, x, x0):
+        level = 1.0 if i == grid.steps - 1 else grid.level(t)
+        known = level ** 0.5 * image + (1 - level) ** 0.5 * noise
+        x.copy_(mask * x + (1 - mask) * known.to(x.dtype))
+    return blend
+
+
+@pytest.mark.parametrize("method, guided", [("DDIM", False), ("F-PNDM", False), ("UniPC-bh2", True),
+                                            ("Heun", True), ("DPM-Solver++2M-SDE", False), ("DDIM:eta=1", True)])
+def test_the_blend_folded_into_the_fused_pass_is_the_blend_after_each_step(method, guided):
+    """Every state of the run: float64 on the plain-torch plan to 1e-12, float32 on the C++ kernel to float32
+    rounding (and the kept pixels exactly the image at the end), against the blend applied after each step of an
+    unmasked run. The guided cases blend the kernel's second output, swapped to the first. Fails when the kernel
+    leaves out a term of the blend, or the lowering blends the wrong output or swaps only some of a launch's
+    weights."""
+    noise, image, mask = soft_inputs()
+    model = guided_on(LINEAR) if guided else model_on(LINEAR)
+    grid = make_grid(LINEAR, "logsnr", 8)
+    want = sample(model, noise, LINEAR, method, 8, "torch", timesteps="logsnr", seed=3, return_trajectory=True,
+                  callback=blend_after_each_step(grid, image, noise, mask))
+    got = sample(model, noise, LINEAR, method, 8, "torch", timesteps="logsnr", seed=3, init_image=image, mask=mask,
+                 return_trajectory=True)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    if not ops.cpp_available():
+        return
+    got32 = sample(model, noise.float(), LINEAR, method, 8, "cpp", timesteps="logsnr", seed=3,
+                   init_image=image.float(), mask=mask.float(), return_trajectory=True)
+    assert (got32.double() - want).abs().max() < 2e-5
+    assert torch.equal(got32[-1, ..., 2:], image.float()[..., 2:])
+
+
+@pytest.mark.parametrize("method", ["UniPC-bh2", "DPM-Solver++2S-a"])
+def test_the_triton_kernel_blends_as_the_float64_plan(method, monkeypatch):
+    """The Triton kernel's blend, in its interpreter on float32 tensors, against the plain-torch plan in float64."""
+    if not ops.triton_available():
+        pytest.skip("triton did not import")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    noise, image, mask = soft_inputs()
+    runs = {backend: sample(guided_on(LINEAR), noise.to(dtype), LINEAR, method, 6, backend, seed=1,
+                            init_image=image.to(dtype), mask=mask.to(dtype), return_trajectory=True)
+            for backend, dtype in (("triton", torch.float32), ("torch", torch.float64))}
+    assert (runs["triton"].double() - runs["torch"]).abs().max() < 2e-5
+    assert torch.equal(runs["triton"][-1, ..., 2:], image.float()[..., 2:])
+
+
+def test_every_method_blends_inside_its_fused_pass():
+    """Inpainting costs no pass of its own: with every registered method and every kind of denoiser, the masked
+    plan lowers to as many launches as the plain one, and none of its blends is left outside a launch."""
+    grid = make_grid(LINEAR, "logsnr", 10)
+    denoisers = [Denoiser(lambda x, t: x), Denoiser(lambda x, t: x, prediction="x0"),
+                 Denoiser(lambda x, t, y: x, cond={"y": 1}, uncond={"y": 0}, guidance=2.0)]
+    for name in list(METHODS) + ["DPM-Solver++2M:threshold=0.995"]:
+        plan = build_plan(LINEAR, name, 10, timesteps="logsnr")
+        for denoiser in denoisers:
+            plain, masked = (lower(p, denoiser, LINEAR) for p in (plan, masked_plan(plan, grid)))
+            blended = [op.blend for step in masked.steps for op in step if isinstance(op, Launch) and op.blend]
+            left = [op for step in masked.steps for op in step if isinstance(op, Blend)]
+            assert masked.launches == plain.launches and len(blended) == 10 and not left, (name, denoiser.outputs)
+            assert masked.masked and not plain.masked
 
 
 def test_bad_editing_input_gets_one_line():

@@ -114,7 +114,39 @@ def check_case(impl, case, keep_x, keep_x2, in_place):
         assert_close_to_truth(out2, x, operands, w2, keep_x2)
 
 
+def check_blend(impl, shape, k, gen, with_out2):
+    """out <- m (x + delta) + b0 k + b1 n in place over x, with a soft mask, against float64 math: within the
+    float32 bound of the combination plus three roundings of the blend's terms. out2 (from the same loads) must be
+    the plain combination, unblended."""
+    x, operands, w, w2 = make_case(shape, k, OPERAND_DTYPES["mixed"], gen)
+    mask = torch.rand(shape, generator=gen)
+    mask[mask < 0.3] = 0.0  # kept pixels, as inpainting's
+    known_image, known_noise = (1 - mask) * torch.randn(shape, generator=gen), (1 - mask) * torch.randn(shape)
+    b = [0.8, 0.6]
+    out, out2 = x.clone(), torch.full_like(x, float("nan")) if with_out2 else None
+    ops.lincomb(out, out, operands, w, True, out2, w2 if with_out2 else None, False,
+                blend=[mask, known_image, known_noise], blend_weights=b, impl=impl)
+    y, scale = truth(x, operands, w, True)
+    known = b[0] * known_image.double() + b[1] * known_noise.double()
+    want = mask.double() * y + known
+    eps = torch.finfo(torch.float32).eps
+    bound = (k + 3) * eps * scale + 3 * eps * (y.abs().max().item() + known.abs().max().item())
+    assert (out.double() - want).abs().max().item() <= bound
+    if with_out2:
+        assert_close_to_truth(out2, x, operands, w2, False)
+
+
 NEEDS_CPP = pytest.mark.skipif(not ops.cpp_available(), reason="pndm_fast._C is not built")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_blend_matches_float64(impl):
+    """Every operand count, with and without a second output, sizes around the C++ chunk and threading limits.
+    Fails when a kernel leaves a term of the blend out or blends out2 too."""
+    gen = torch.Generator().manual_seed(5)
+    for k in range(6):
+        for shape, with_out2 in ((SHAPES[k % 4], k % 2 == 0), (SHAPES[4], k == 5)):
+            check_blend(impl, shape, k, gen, with_out2)
 
 
 @pytest.mark.skipif(os.environ.get("PNDM_FAST_EXPECT_NO_CPP") == "1",
@@ -222,6 +254,12 @@ def _shifted_by_one():
         (lambda a: a.update(impl="cpp", **{n: a[n].to("meta") for n in ("out", "x")},
                             operands=[v.to("meta") for v in a["operands"]]), ValueError, "impl='cpp' runs on CPU"),
         (lambda a: a.update(out="not a tensor"), TypeError, "out must be a torch.Tensor, got str"),
+        (lambda a: a.update(blend=[a["x"]] * 3), ValueError, "blend and blend_weights go together"),
+        (lambda a: a.update(blend=[a["x"]] * 2, blend_weights=[1.0, 0.0]), ValueError, "a blend is 3 tensors"),
+        (lambda a: a.update(blend=[a["x"].half()] * 3, blend_weights=[1.0, 0.0]), TypeError,
+         r"blend\[0\] has dtype torch.float16 but x has torch.float32"),
+        (lambda a: a.update(blend=[a["x"], a["out"], a["x"]], blend_weights=[1.0, 0.0]), ValueError,
+         r"blend\[1\] overlaps out"),
     ],
 )
 def test_errors_say_what_to_do(mutate, error, match):
@@ -269,7 +307,7 @@ def test_registered_cpp_op_checks_direct_calls(out, x, operands, weights, out2, 
     (unchecked, each of these reads or writes out of bounds or reinterprets memory)."""
     before = [t.clone() for t in (x, *operands) if t.device.type == "cpu"]
     with pytest.raises(error, match=match):
-        torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, weights, True, out2, weights2, False)
+        torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, weights, True, out2, weights2, False, [], [])
     assert all(torch.equal(a, b) for a, b in zip(before, [t for t in (x, *operands) if t.device.type == "cpu"]))
 
 
@@ -278,7 +316,7 @@ def test_registered_cpp_op_runs_a_good_direct_call():
     gen = torch.Generator().manual_seed(3)
     x, operands, w, w2 = make_case((3, 5, 7), 2, OPERAND_DTYPES["mixed"], gen)
     out, out2 = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
-    torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, w, True, out2, w2, False)
+    torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, w, True, out2, w2, False, [], [])
     assert_close_to_truth(out, x, operands, w, True)
     assert_close_to_truth(out2, x, operands, w2, False)
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from pndm_fast import ops  # noqa: E402
-from test_ops import OPERAND_DTYPES, assert_close_to_truth, check_case, make_case  # noqa: E402
+from test_ops import OPERAND_DTYPES, assert_close_to_truth, check_blend, check_case, make_case  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not ops.triton_available(), reason="pndm_fast.kernels.lincomb did not import")
 
@@ -36,6 +36,12 @@ CASES = [(k, d, SHAPES[i % len(SHAPES)], *FLAGS[i % len(FLAGS)])
 def test_matches_float64(k, dtypes, shape, keep_x, keep_x2, in_place):
     gen = torch.Generator().manual_seed(17 * k + len(shape))
     check_case("triton", make_case(shape, k, OPERAND_DTYPES[dtypes], gen), keep_x, keep_x2, in_place)
+
+
+@pytest.mark.parametrize("k", [0, 2, 5])
+def test_the_blend_matches_float64(k):
+    gen = torch.Generator().manual_seed(k)
+    check_blend("triton", SHAPES[k % len(SHAPES)], k, gen, with_out2=k != 2)
 
 
 def test_available_on_cpu_with_interpreter():
@@ -74,9 +80,10 @@ def test_every_launch_config_is_exact():
 def test_registered_triton_op_checks_direct_calls():
     x = torch.randn(4, 4)
     with pytest.raises(ValueError, match="out has shape"):
-        torch.ops.pndm_fast.lincomb_triton_(torch.empty(2, 2), x, [x.clone()], [0.1, 0.2], True, None, None, False)
+        torch.ops.pndm_fast.lincomb_triton_(torch.empty(2, 2), x, [x.clone()], [0.1, 0.2], True, None, None, False,
+                                            [], [])
     with pytest.raises(ValueError, match="overlaps out"):
-        torch.ops.pndm_fast.lincomb_triton_(x, x.clone(), [x], [0.1, 0.2], True, None, None, False)
+        torch.ops.pndm_fast.lincomb_triton_(x, x.clone(), [x], [0.1, 0.2], True, None, None, False, [], [])
 
 
 class _Captured(Exception):

@@ -40,16 +40,24 @@ __all__ = ["tune", "Profile", "Teacher"]
 TOGETHER = 16
 
 
-def noise_rows(denoiser: Denoiser, start: int, stop: int, total: int, net=None) -> Denoiser:
-    """The Denoiser for noises start .. stop - 1 of `total`: conditioning tensors with a row per noise sliced
-    (and `net` in place of its network, when given)."""
+def noise_rows(denoiser: Denoiser, start: int, stop: int, total: int) -> Denoiser:
+    """The Denoiser for noises start .. stop - 1 of `total`: conditioning tensors with a row per noise sliced."""
     def cut(kwargs: dict) -> dict:
         return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == total else v
                 for k, v in kwargs.items()}
 
-    return Denoiser(denoiser.net if net is None else net, denoiser.prediction, cut(denoiser.cond) or None,
-                    cut(denoiser.uncond) or None, denoiser.guidance, denoiser.time_input, denoiser.guidance_rescale,
-                    **cut(denoiser.model_kwargs))
+    return _rebuilt(denoiser, denoiser.net, cut)
+
+
+def with_net(denoiser: Denoiser, net) -> Denoiser:
+    """`denoiser` calling `net` in place of its network (gathered scoring's shared network), all else kept."""
+    return _rebuilt(denoiser, net, dict)
+
+
+def _rebuilt(denoiser: Denoiser, net, conditioning) -> Denoiser:
+    return Denoiser(net, denoiser.prediction, conditioning(denoiser.cond) or None,
+                    conditioning(denoiser.uncond) or None, denoiser.guidance, denoiser.time_input,
+                    denoiser.guidance_rescale, **conditioning(denoiser.model_kwargs))
 
 
 class _Scorer:
@@ -73,8 +81,7 @@ class _Scorer:
             return {c: self(c) for c in candidates}
         # a CUDA graph replays its forwards without Python, where they could not meet: eager runs gather
         backend = "fused" if self.backend in ("auto", "graph") else self.backend
-        rows = (0, len(self.noise), len(self.noise))
-        scores = score_together(lambda c, net: self._score(c, noise_rows(self.model, *rows, net=net), backend),
+        scores = score_together(lambda c, net: self._score(c, with_net(self.model, net), backend),
                                 self.model.net, candidates, self.together, self.model.module, self.noise.device)
         self.forwards += sum(forwards for _, forwards in scores)
         return {c: error for c, (error, _) in zip(candidates, scores)}
