@@ -115,7 +115,8 @@ void run_block(const Args& a, int64_t begin, int64_t len, float (*scratch)[kChun
     }
     if (OUT2) out2[i] = keep_x2 ? xi + d2 : d2;
     const float y = keep_x ? xi + d : d;
-    // the Triton kernel's order of sums: b0 k, then + b1 n, then m y added last
+    // the Triton kernel's sums in its order (b0 k, + b1 n, m y added last); it fuses them into fma, so the two
+    // agree to float32 rounding
     out[i] = BLEND ? m[i] * y + (b1 * known_noise[i] + b0 * known_image[i]) : y;
   }
 }

@@ -46,15 +46,17 @@ class PlanRunner:
         stand_in = buffer(model_dtype)
         # Which (operand list, index) pairs read the value each forward writes into a slot: resolved by walking the
         # program in order, since a slot name is reused (a history ring) and each read sees its latest forward.
-        # While `watch["on"]`, each forward leaves (its input, copied; t; its outputs) in watch["last"]: what a
-        # per-step callback needs for the data prediction. Off, a forward pays one dict lookup.
-        self.watch = {"on": False, "last": None}
+        # While `watch["on"]`, each step's last forward leaves (its input, copied; t; its outputs) in watch["last"]:
+        # what a per-step callback needs for the data prediction. Off, a forward pays one dict lookup. With
+        # watch["into"] = (input, outputs), static tensors, it copies them there instead (a segmented graph's).
+        self.watch = {"on": False, "last": None, "into": None}
         consumers: dict[str, list] = {}
         drawn: dict[str, torch.Tensor] = {}  # noise buffer -> the draw it holds now
         self.program = []
         for step in program.steps:
             calls = []
-            for op in step:
+            last_forward = max((i for i, op in enumerate(step) if isinstance(op, Forward)), default=None)
+            for index, op in enumerate(step):
                 if isinstance(op, Noise):
                     drawn[op.dst] = self.draws[op.index]
                 elif isinstance(op, Threshold):
@@ -66,7 +68,8 @@ class PlanRunner:
                     targets = [[] for _ in op.outputs]
                     for name, target in zip(op.outputs, targets):
                         consumers[name] = target
-                    calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx, self.watch))
+                    watch = self.watch if index == last_forward else None
+                    calls.append(_forward(caller, self.buffers[op.src], op, targets, nvtx, watch))
                 else:
                     calls.append(self._launch(op, consumers, drawn, stand_in, fused_op))
             self.program.append(calls)
@@ -147,15 +150,23 @@ def load_inputs(runner, noise: torch.Tensor, draws: torch.Tensor | None, mask_in
 
 
 def _forward(caller: Caller, src: torch.Tensor, op: Forward, targets: list[list], nvtx: bool,
-             watch: dict) -> Callable[[], None]:
+             watch: dict | None) -> Callable[[], None]:
+    """One forward; `watch`: the runner's, for the last forward of a step (None for the others)."""
     label = f"model t={op.t:g}"
     t = op.t
 
     def run() -> None:
         with nvtx_range(label, nvtx):
             outputs = caller(src, t)
-        if watch["on"]:
-            watch["last"] = (src.clone(), t, outputs)
+        if watch is not None and watch["on"]:
+            into = watch["into"]
+            if into is None:
+                watch["last"] = (src.clone(), t, outputs)
+            else:
+                into[0].copy_(src)
+                for buffer, out in zip(into[1], outputs):
+                    buffer.copy_(out)
+                watch["last"] = (into[0], t, into[1])
         for out, target in zip(outputs, targets):
             for operands, j in target:
                 operands[j] = out
@@ -170,8 +181,8 @@ class GraphRunner:
     outside the graph); replay copies the noise into the static `x` and relaunches everything in one call. The
     network's outputs live in the graph's private memory pool, at the addresses the capture gave them.
     `segmented`: one graph per plan step instead, sharing one pool and replayed in the order they were captured, so
-    that the host can run a callback between two steps (`walk`); each step's last forward then also keeps its
-    input and outputs, which the callback's data prediction reads.
+    that the host can run a callback between two steps (`walk`); each step's last forward then also copies its
+    input and outputs into one static set of tensors, which the callback's data prediction reads.
     """
 
     def __init__(self, runner: PlanRunner, segmented: bool = False):
@@ -181,7 +192,7 @@ class GraphRunner:
         self.x, self.draws, self.trajectory, self.caller = runner.x, runner.draws, runner.trajectory, runner.caller
         self.mask_inputs, self.watch = runner.mask_inputs, runner.watch
         self.segmented, self.graphs = segmented, []
-        self.watched = []  # segmented: what each step's last forward left in watch["last"], static tensors
+        self.watched = []  # segmented: (input, t, outputs) of each step's last forward; the tensors are shared
         # One capture at a time in the process: a capture begins with a device-wide synchronize, which fails while
         # another thread's capture is open and leaves that thread's CUDA generator stuck in capture mode for the
         # rest of the process. thread_local: meanwhile other threads may go on launching, allocating and syncing.
@@ -197,13 +208,17 @@ class GraphRunner:
                     runner.walk()
                 torch.cuda.current_stream().wait_stream(side)
                 if segmented:
+                    # One static set for every step, outside the graphs' pool: a callback reads step i's before
+                    # step i + 1 replays.
+                    src, _, outputs = runner.watch["last"]
+                    runner.watch["into"] = (torch.empty_like(src), [torch.empty_like(out) for out in outputs])
                     self._capture_steps()
                 else:
                     self.graphs.append(torch.cuda.CUDAGraph())
                     with torch.cuda.graph(self.graphs[0], capture_error_mode="thread_local"):
                         runner.walk()
             finally:
-                runner.watch["on"], runner.watch["last"] = False, None
+                runner.watch.update(on=False, last=None, into=None)
 
     def _capture_steps(self) -> None:
         pool = torch.cuda.graph_pool_handle()

@@ -71,11 +71,17 @@ def set_cache_limit(limit: int | None) -> None:
 
 
 def cached_runner_count(*models) -> int:
-    """Idle runners held by the cache for `models` (networks, as sample() was given them), or over every live model
-    when none is named."""
+    """Idle runners held by the cache for `models` (as sample() was given them: networks or Denoisers), or over
+    every live model when none is named."""
+    owners = [cache_owner(as_denoiser(m)) for m in models]
     with _LOCK:
-        groups = [_RUNNERS.get(m) for m in models] if models else list(_RUNNERS.values())
+        groups = [_RUNNERS.get(owner) for owner in owners] if models else list(_RUNNERS.values())
         return sum(len(idle) for runners in groups if runners for idle in runners.values())
+
+
+def cache_owner(denoiser: Denoiser):
+    """What the runner cache keys a network's runners by: its module, else the callable itself."""
+    return denoiser.module if denoiser.module is not None else denoiser.net
 
 
 def _trim(runners: OrderedDict, limit: int) -> None:
@@ -443,8 +449,7 @@ def checkout(denoiser: Denoiser, plan: Plan, schedule: Schedule, noise, backend,
              segmented: bool = False):
     """(owner, key, runner): an idle runner for this network, plan, shape and dtype, or a new one. The caller owns
     it until `checkin`. `segmented`: a graph runner replays one graph per step, for a run watched between steps."""
-    module = denoiser.module
-    owner = module if module is not None else denoiser.net
+    module, owner = denoiser.module, cache_owner(denoiser)
     model_dtype = model_dtype_of(module, noise.dtype)
     # float64 noise or a float64 model asks for float64 throughout (the fused op computes in float32 at most, so
     # the executor then combines with plain torch); anything else keeps the state in float32.

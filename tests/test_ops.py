@@ -319,6 +319,10 @@ def test_registered_cpp_op_runs_a_good_direct_call():
     torch.ops.pndm_fast.lincomb_cpp_(out, x, operands, w, True, out2, w2, False, [], [])
     assert_close_to_truth(out, x, operands, w, True)
     assert_close_to_truth(out2, x, operands, w2, False)
+    blended = torch.full_like(x, float("nan"))
+    torch.ops.pndm_fast.lincomb_cpp_(blended, x, operands, w, True, None, None, False,
+                                     [torch.zeros_like(x), x.abs(), torch.ones_like(x)], [2.0, 0.5])
+    assert torch.equal(blended, 2 * x.abs() + 0.5)  # mask 0: the known terms alone
 
 
 @pytest.mark.skipif(not ops.triton_available(), reason="triton is not installed (the triton extra)")
@@ -341,11 +345,15 @@ def test_cpp_missing_is_explained(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["auto", pytest.param("torch", marks=pytest.mark.slow)])  # torch: 8 s of inductor
 def test_torch_compile_fullgraph_equals_eager(impl):
-    """torch.compile traces through lincomb (the cpp op is opaque, so its results match bit for bit)."""
+    """torch.compile traces through lincomb (the cpp op is opaque, so its results match bit for bit), a blend of
+    the first output included."""
+    mask = (torch.arange(2 * 3 * 17 * 19).view(2, 3, 17, 19) % 3 == 0).float()
+    known = [(1 - mask) * torch.linspace(-1, 1, mask.numel()).view(mask.shape), (1 - mask) * 0.5]
 
     def step(x, eps, hist, x_next):
-        # in place x <- x + delta, and a second output from the same operands
-        ops.lincomb(x, x, [eps, hist], [-1e-3, 0.5, -0.25], True, x_next, [0.0, 1.5, -0.5], False, impl=impl)
+        # in place x <- x + delta, blended, and a second output from the same operands
+        ops.lincomb(x, x, [eps, hist], [-1e-3, 0.5, -0.25], True, x_next, [0.0, 1.5, -0.5], False,
+                    blend=[mask, *known], blend_weights=[0.7, 0.3], impl=impl)
         return x_next * 2
 
     torch._dynamo.reset()

@@ -5,7 +5,7 @@ import pytest
 import soak
 import torch
 
-from pndm_fast import Schedule, sample, set_cache_limit
+from pndm_fast import Denoiser, Schedule, sample, set_cache_limit
 from pndm_fast.methods import METHODS
 from pndm_fast.sampling import cached_runner_count
 
@@ -22,7 +22,7 @@ def test_soak_keeps_the_cache_within_its_limit(one_thread, tmp_path):
     in this process, as under pytest-xdist) are not the soak's (planted: counting every model's fails)."""
     other = lambda x, t: x  # noqa: E731
     sample(other, torch.zeros(1, 1, 2, 2), Schedule.from_config(soak.SCHEDULE), "DDIM", 2, "torch")
-    assert cached_runner_count(other) == 1
+    assert cached_runner_count(other) == cached_runner_count(Denoiser(other)) == 1
     row = soak.main(["--quick", "--rounds", "1", "--steps", "1", "--cache", "2", "--threads", "1", "--device",
                      "cpu", "--json", str(tmp_path / "soak.json")])
     assert row["cache_limit"] == 2 and 0 < row["most_cached_runners"] <= 2 * 2  # two models, two runners each
