@@ -199,14 +199,7 @@ class GraphRunner:
         with _CAPTURE_LOCK:
             runner.watch["on"] = segmented  # read while capturing only: a replay runs no Python
             try:
-                side = warmup_stream(runner.x.device)
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    runner.x.normal_()
-                    for buffer in runner.draws + runner.mask_inputs:
-                        buffer.normal_()
-                    runner.walk()
-                torch.cuda.current_stream().wait_stream(side)
+                warm_up(runner)
                 if segmented:
                     # One static set for every step, outside the graphs' pool: a callback reads step i's before
                     # step i + 1 replays.
@@ -214,22 +207,22 @@ class GraphRunner:
                     runner.watch["into"] = (torch.empty_like(src), [torch.empty_like(out) for out in outputs])
                     self._capture_steps()
                 else:
-                    self.graphs.append(torch.cuda.CUDAGraph())
-                    with torch.cuda.graph(self.graphs[0], capture_error_mode="thread_local"):
-                        runner.walk()
+                    self.graphs.append(captured(runner.walk))
             finally:
-                runner.watch.update(on=False, last=None, into=None)
+                # `into` stays: it names what the step graphs copy into (and a stand-in for them, replaying the
+                # Python, copies there too)
+                runner.watch.update(on=False, last=None)
 
     def _capture_steps(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        for i, step in enumerate(self.runner.program):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), \
-                    nvtx_range(f"step {i}", self.runner.nvtx):
-                for call in step:
-                    call()
-            self.graphs.append(graph)
-            self.watched.append(self.runner.watch["last"])
+        runner, pool = self.runner, torch.cuda.graph_pool_handle()
+        for i, step in enumerate(runner.program):
+            def run_step(calls=step, label=f"step {i}", nvtx=runner.nvtx) -> None:
+                with nvtx_range(label, nvtx):
+                    for call in calls:
+                        call()
+
+            self.graphs.append(captured(run_step, pool))
+            self.watched.append(runner.watch["last"])
 
     def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
         """Sample from `noise` (and `draws`, `mask_inputs`) by replaying the graph; the result is left in `x` (and
@@ -254,6 +247,27 @@ class GraphRunner:
                 after_step(i)
             if self.trajectory is not None:
                 self.trajectory[i + 1].copy_(self.x)
+
+
+def warm_up(runner: PlanRunner) -> None:
+    """One walk of the program on a side stream, from random inputs: what capture needs first (cuDNN and cuBLAS
+    choose their algorithms, torch.compile compiles), outside any graph."""
+    side = warmup_stream(runner.x.device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        runner.x.normal_()
+        for buffer in runner.draws + runner.mask_inputs:
+            buffer.normal_()
+        runner.walk()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def captured(fn: Callable[[], None], pool=None) -> torch.cuda.CUDAGraph:
+    """What `fn` launches, captured in a new CUDA graph (in `pool`, a graph pool handle, when given)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        fn()
+    return graph
 
 
 _CAPTURE_LOCK = threading.RLock()  # re-entrant: a network may itself sample with a graph

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from pndm_fast import Denoiser, Schedule, UserError, build_plan, make_grid, ops, sample
+from pndm_fast import Denoiser, Schedule, UserError, build_plan, engine, make_grid, ops, sample, sampling
 from pndm_fast.editing import masked_plan, strength_grid
 from pndm_fast.lowering import Launch, lower
 from pndm_fast.methods import METHODS
@@ -205,6 +205,52 @@ def test_the_callback_sees_every_step_and_the_data_prediction_and_may_steer():
                for n in (noise, 2 * noise)]
     assert torch.equal(steered[0], steered[1])
     assert (steered[0] - sample(model_on(LINEAR), noise, LINEAR, "DDIM", 6, "fused")).abs().max() > 0.01
+
+
+class StandInGraph:
+    """In place of a CUDA graph: runs what it captures once, at capture, and again at each replay."""
+
+    def __init__(self, fn, pool=None):
+        self.fn = fn
+        fn()
+
+    def replay(self):
+        self.fn()
+
+
+@pytest.mark.parametrize("method", ["F-PNDM", "DPM-Solver++2M-SDE"])
+def test_the_graph_backends_python_with_a_stand_in_for_cuda_graphs(method, monkeypatch):
+    """The graph backend's own logic, run on the CPU with capture replaced by StandInGraph (the CUDA test holds real
+    graphs to the same): the whole-loop graph, and with a callback one graph per step, the callback between two
+    replays reading the static copy of the step's last forward, the trajectory kept after it. Both give the eager
+    fused run's states, and the callback sees the same states and data predictions and steers the run alike.
+    Fails when a step's callback reads another step's forward, or the trajectory is kept before the callback."""
+    monkeypatch.setattr(engine, "captured", StandInGraph)
+    monkeypatch.setattr(engine, "warm_up", lambda runner: runner.walk())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(sampling, "resolve_backend", lambda backend, device: backend)
+    noise, _, _ = inputs()
+    model = guided_on(LINEAR)
+
+    def run(backend, steer):
+        seen = []
+
+        def callback(i, t, x, x0):
+            seen.append((i, t, x.clone(), x0.clone()))
+            if i == 1:
+                x.mul_(0.5)
+
+        out = sample(model, noise, LINEAR, method, 6, backend, True, timesteps="logsnr", seed=4,
+                     callback=callback if steer else None)
+        return out, seen
+
+    for steer in (False, True):
+        want, seen_eager = run("fused", steer)
+        got, seen = run("graph", steer)
+        assert torch.equal(got, want)
+        assert [(i, t) for i, t, _, _ in seen] == [(i, t) for i, t, _, _ in seen_eager]
+        for (_, _, x, x0), (_, _, x_eager, x0_eager) in zip(seen, seen_eager):
+            assert torch.equal(x, x_eager) and torch.equal(x0, x0_eager)
 
 
 class TestDiffusers:
