@@ -184,7 +184,7 @@ def _launch(out, x, operands, weights, keep_x, out2, weights2, keep_x2, blend, b
     if any(v.dtype not in OPERAND_DTYPES for v in operands):
         raise TypeError("lincomb_triton operands must be float32, bfloat16 or float16")
     if blend and (len(blend) != 3 or blend_weights is None or len(blend_weights) != 2
-                              or any(t.dtype != STATE_DTYPE for t in blend)):
+                  or any(t.dtype != STATE_DTYPE for t in blend)):
         raise ValueError("lincomb_triton's blend is three float32 tensors (mask, image, noise) with two weights")
     blend = tuple(blend or ())
     tensors = [out, x, *operands, *blend] + ([] if out2 is None else [out2])

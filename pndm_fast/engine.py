@@ -28,7 +28,7 @@ class PlanRunner:
     def __init__(self, program: Program, caller: Caller, shape: torch.Size, device: torch.device,
                  model_dtype: torch.dtype, state_dtype: torch.dtype = torch.float32, *, fused_op: str = "auto",
                  nvtx: bool = False, channels_last: bool = False, trajectory: bool = False):
-        self.nvtx, self.caller = nvtx, caller
+        self.caller = caller
         fmt = torch.channels_last if channels_last else torch.contiguous_format
 
         def buffer(dtype):
@@ -73,6 +73,8 @@ class PlanRunner:
                 else:
                     calls.append(self._launch(op, consumers, drawn, stand_in, fused_op))
             self.program.append(calls)
+        # Each step as one call: what the eager walk runs, and what a segmented graph captures step by step.
+        self.steps = [functools.partial(_run_step, calls, f"step {i}", nvtx) for i, calls in enumerate(self.program)]
 
     def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
         """Sample from `noise` (with the fresh `draws` a stochastic plan reads, the `mask_inputs` an inpainting plan
@@ -81,18 +83,9 @@ class PlanRunner:
         self.walk()
 
     def walk(self, after_step: Callable[[int], None] | None = None) -> None:
-        """Run the whole program from the noise already in `x`; `after_step(i)` runs after step i (eager runs
-        only: blending a mask, a callback), before the trajectory keeps the state."""
-        if self.trajectory is not None:
-            self.trajectory[0].copy_(self.x)
-        for i, step in enumerate(self.program):
-            with nvtx_range(f"step {i}", self.nvtx):
-                for call in step:
-                    call()
-            if after_step is not None:
-                after_step(i)
-            if self.trajectory is not None:
-                self.trajectory[i + 1].copy_(self.x)
+        """Run the whole program from the noise already in `x`; `after_step(i)` runs after step i (a callback),
+        before the trajectory keeps the state."""
+        walk_steps(self.steps, self.x, self.trajectory, after_step)
 
     def _launch(self, op: Launch, consumers: dict, drawn: dict, stand_in: torch.Tensor,
                 fused_op: str) -> Callable[[], None]:
@@ -116,6 +109,25 @@ class PlanRunner:
                 operands[j] = stand_in
 
         return run
+
+
+def _run_step(calls: list[Callable[[], None]], label: str, nvtx: bool) -> None:
+    with nvtx_range(label, nvtx):
+        for call in calls:
+            call()
+
+
+def walk_steps(steps: list[Callable[[], None]], x: torch.Tensor, trajectory: torch.Tensor | None,
+               after_step: Callable[[int], None] | None) -> None:
+    """Run `steps` in order; after step i, `after_step(i)`, then the trajectory (when kept) takes the state x."""
+    if trajectory is not None:
+        trajectory[0].copy_(x)
+    for i, step in enumerate(steps):
+        step()
+        if after_step is not None:
+            after_step(i)
+        if trajectory is not None:
+            trajectory[i + 1].copy_(x)
 
 
 def dynamic_threshold_(x: torch.Tensor, ratio: float, max_value: float) -> None:
@@ -214,15 +226,10 @@ class GraphRunner:
                 runner.watch.update(on=False, last=None)
 
     def _capture_steps(self) -> None:
-        runner, pool = self.runner, torch.cuda.graph_pool_handle()
-        for i, step in enumerate(runner.program):
-            def run_step(calls=step, label=f"step {i}", nvtx=runner.nvtx) -> None:
-                with nvtx_range(label, nvtx):
-                    for call in calls:
-                        call()
-
-            self.graphs.append(captured(run_step, pool))
-            self.watched.append(runner.watch["last"])
+        pool = torch.cuda.graph_pool_handle()
+        for step in self.runner.steps:
+            self.graphs.append(captured(step, pool))
+            self.watched.append(self.runner.watch["last"])
 
     def run(self, noise: torch.Tensor, draws: torch.Tensor | None = None, mask_inputs=None) -> None:
         """Sample from `noise` (and `draws`, `mask_inputs`) by replaying the graph; the result is left in `x` (and
@@ -238,15 +245,13 @@ class GraphRunner:
                 raise ValueError("a whole-loop graph has no place between its steps: capture it segmented")
             self.graphs[0].replay()
             return
-        if self.trajectory is not None:
-            self.trajectory[0].copy_(self.x)
-        for i, graph in enumerate(self.graphs):
-            graph.replay()
-            if after_step is not None:
-                self.watch["last"] = self.watched[i]
-                after_step(i)
-            if self.trajectory is not None:
-                self.trajectory[i + 1].copy_(self.x)
+
+        def watched_after(i: int) -> None:
+            self.watch["last"] = self.watched[i]
+            after_step(i)
+
+        walk_steps([graph.replay for graph in self.graphs], self.x, self.trajectory,
+                   None if after_step is None else watched_after)
 
 
 def warm_up(runner: PlanRunner) -> None:
